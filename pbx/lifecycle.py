@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
-from pbx.statecharts import ChartModel
+from pbx.statechart_timers import TimedChartModel
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +19,12 @@ StateListener = Callable[[str, str], None]
 """Called with (old_state, new_state) after every state change."""
 
 
-class Lifecycle(ChartModel):
+class Lifecycle(TimedChartModel):
     """starting → ready → draining → stopped (or failed).
 
     ``active_work`` reports how much in-flight work (calls) still blocks the end of a
-    drain; while it is non-zero a drain waits, at most ``drain_timeout`` seconds.
+    drain; while it is non-zero a drain waits, at most ``drain_timeout`` seconds (the
+    chart's ``drain`` timer).
     """
 
     chart_name = "lifecycle"
@@ -38,10 +38,8 @@ class Lifecycle(ChartModel):
         self.failure_reason: str | None = None
         self.entered_at: float = clock.seconds()
         self._listeners: list[StateListener] = []
-        self._timers: list[IDelayedCall] = []
-        self._previous = self.state
+        self.start_timers()
 
-    # -- public API -----------------------------------------------------------------
     @property
     def ready(self) -> bool:
         """Ready to take new work (OPTIONS 200, /ready 200, INVITE accepted)."""
@@ -72,42 +70,8 @@ class Lifecycle(ChartModel):
             self.failure_reason = reason
             self.fire("fail")
 
-    # -- chart callbacks --------------------------------------------------------------
-    def on_starting(self) -> None:
-        self._changed()
-
-    def on_ready(self) -> None:
-        self._changed()
-
-    def on_draining(self) -> None:
-        self._changed()
-
-    def on_stopped(self) -> None:
-        self._changed()
-
-    def on_failed(self) -> None:
-        self._changed()
-
-    # -- internals ------------------------------------------------------------------
-    def _changed(self) -> None:
-        for call in self._timers:
-            if call.active():
-                call.cancel()
-        self._timers = [
-            self.clock.callLater(self._timer_delay(spec), self._timer_fired, spec["trigger"],
-                                 self.state)
-            for spec in self._chart.state_meta.get(self.state, {}).get("timers", [])
-        ]
-        old, self._previous = self._previous, self.state
+    def state_changed(self, previous: str) -> None:
         self.entered_at = self.clock.seconds()
-        log.info("lifecycle: %s -> %s", old, self.state)
+        log.info("lifecycle: %s -> %s", previous, self.state)
         for listener in list(self._listeners):
-            listener(old, self.state)
-
-    def _timer_delay(self, spec: dict[str, Any]) -> float:
-        after = spec["after"]
-        return float(getattr(self, after)) if isinstance(after, str) else float(after)
-
-    def _timer_fired(self, trigger: str, armed_in: str) -> None:
-        if self.state == armed_in and self.may_fire(trigger):
-            self.fire(trigger)
+            listener(previous, self.state)

@@ -178,7 +178,8 @@ def _parse_chart(data: Any, source: Path | None) -> Chart:
         trans = {k: v for k, v in raw.items() if k in _TRANSITION_KEYS}
         for src in _sources(trans, names):
             if src not in names:
-                raise ChartError(f"{where}: transition {raw['trigger']!r} from unknown state {src!r}")
+                raise ChartError(f"{where}: transition {raw['trigger']!r} from unknown state "
+                                 f"{src!r}")
         if trans["dest"] is not None and trans["dest"] not in names:
             raise ChartError(f"{where}: transition {raw['trigger']!r} to unknown state "
                              f"{trans['dest']!r}")

@@ -70,7 +70,7 @@ def test_malformed_charts_are_rejected(data: object, message: str) -> None:
 
 def test_model_without_declared_callbacks_is_refused() -> None:
     class Incomplete(ChartModel):
-        chart_name = "lifecycle"
+        chart_name = "nist"  # names send_response, resend_response, ...
 
     with pytest.raises(ChartError, match="lacks callbacks"):
         Incomplete()

@@ -1,0 +1,48 @@
+"""Shared start-up path of ``twistd pbx`` and ``pbx run``.
+
+Configuration errors end the process with exit code 78 (EX_CONFIG) and a message that
+names the key; a PBX that failed at runtime exits 1; a clean stop, drained or not, 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from pbx.config import ConfigError, Settings, load_settings
+from pbx.logs import configure_logging
+from pbx.service import EXIT_CONFIG, EXIT_OK, PBXService, make_service
+
+_current: PBXService | None = None
+
+
+def load_or_exit(config_path: str | None) -> Settings:
+    """Load the configuration or exit 78 with a readable message (no traceback)."""
+    try:
+        return load_settings(config_path)
+    except ConfigError as err:
+        print(f"pbx: configuration error\n{err}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def build_service(config_path: str | None) -> PBXService:
+    settings = load_or_exit(config_path)
+    configure_logging(settings.logging.level)
+    global _current
+    _current = make_service(settings)
+    atexit.register(_exit_with_service_code)
+    return _current
+
+
+def exit_code() -> int:
+    return _current.exit_code if _current is not None else EXIT_OK
+
+
+def _exit_with_service_code() -> None:
+    """twistd always exits 0 after its reactor stops; carry our failure code out."""
+    code = exit_code()
+    if code != EXIT_OK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

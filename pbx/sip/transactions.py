@@ -1,0 +1,575 @@
+"""RFC 3261 §17 transaction layer with RFC 6026's Accepted state.
+
+Behaviour lives in ``statecharts/{ict,nict,ist,nist}.yaml`` (states, triggers, timers);
+the classes here only supply the callbacks those charts name and the §17.1.3/§17.2.3
+matching rules.  Each chart is compiled into one shared ``transitions`` machine, so a new
+transaction costs a model object, not a machine (see ``scripts/bench_transactions.py``).
+
+The layer is sans-IO: messages come in through :meth:`TransactionManager.handle_request`
+and :meth:`~TransactionManager.handle_response`, go out through a :class:`MessageSender`
+(the transport), and time is an injected ``IReactorTime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from pbx.sip.errors import SIPParseError
+from pbx.sip.headers import Headers
+from pbx.sip.message import Request, Response, make_response
+from pbx.statechart_timers import TimedChartModel
+
+__all__ = [
+    "MAGIC_COOKIE",
+    "ClientTransaction",
+    "ClientTransactionUser",
+    "InviteClientTransaction",
+    "InviteServerTransaction",
+    "MessageSender",
+    "NonInviteClientTransaction",
+    "NonInviteServerTransaction",
+    "Peer",
+    "ServerTransaction",
+    "Transaction",
+    "TransactionManager",
+    "TransactionStats",
+    "TransactionUser",
+    "TransportError",
+    "build_ack_for_failure",
+    "new_branch",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC_COOKIE = "z9hG4bK"
+TERMINATED = "terminated"
+_RELIABLE = frozenset({"tcp", "tls", "sctp", "ws", "wss"})
+_DEFAULT_PORTS = {"TLS": 5061, "WSS": 443, "WS": 80}
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch: the magic cookie plus 64 random bits (§8.1.1.7)."""
+    return MAGIC_COOKIE + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Where a message came from or goes to (the transport-level address)."""
+
+    transport: str  # 'udp' | 'tcp' | 'tls'
+    host: str
+    port: int
+
+    @property
+    def reliable(self) -> bool:
+        """Reliable transports get no retransmissions and zero-length wait timers."""
+        return self.transport in _RELIABLE
+
+
+class TransportError(Exception):
+    """Raised by a :class:`MessageSender` that could not send (§17.1.4, §17.2.4)."""
+
+
+class MessageSender(Protocol):
+    """The transport layer, as the transactions see it."""
+
+    def send_request(self, request: Request, peer: Peer) -> None: ...
+
+    def send_response(self, response: Response, peer: Peer) -> None: ...
+
+
+class TransactionUser(Protocol):
+    """The core above the server side.
+
+    The manager also calls, when the TU has them, ``transaction_timeout(transaction)``
+    (Timer H: the ACK for a 3xx-6xx never came, §17.2.1) and
+    ``transaction_transport_error(transaction)`` (a response could not be sent,
+    §17.2.4); ``response_received_stray`` is optional too (looked up with ``getattr``).
+    """
+
+    def request_received(self, request: Request, transaction: ServerTransaction | None,
+                         peer: Peer) -> None:
+        """A new request (``transaction`` None for an ACK, which never creates one)."""
+
+    def response_received_stray(self, response: Response, peer: Peer) -> None:
+        """A response that matches no client transaction (e.g. a late 2xx)."""
+
+
+class ClientTransactionUser(Protocol):
+    """Whoever sent a request through :meth:`TransactionManager.send_request`."""
+
+    def response_received(self, transaction: ClientTransaction, response: Response) -> None:
+        """A provisional or final response (retransmitted non-2xx finals are absorbed)."""
+
+    def transaction_timeout(self, transaction: ClientTransaction) -> None:
+        """Timer B or F (or the ICT's Timer C guard) fired."""
+
+    def transaction_transport_error(self, transaction: ClientTransaction) -> None:
+        """The request or the ACK could not be sent."""
+
+
+@dataclass
+class TransactionStats:
+    """Counters for metrics: created/terminated per type, terminations per outcome."""
+
+    created: Counter[str] = field(default_factory=Counter)
+    terminated: dict[str, Counter[str]] = field(
+        default_factory=lambda: {k: Counter() for k in ("ict", "nict", "ist", "nist")})
+    retransmissions_sent: Counter[str] = field(default_factory=Counter)
+    retransmissions_received: Counter[str] = field(default_factory=Counter)
+    stray_responses: int = 0
+    stray_acks: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "created": dict(self.created),
+            "terminated": {k: dict(v) for k, v in self.terminated.items()},
+            "retransmissions_sent": dict(self.retransmissions_sent),
+            "retransmissions_received": dict(self.retransmissions_received),
+            "stray_responses": self.stray_responses,
+            "stray_acks": self.stray_acks,
+            "dropped": self.dropped,
+        }
+
+
+# -- transactions ---------------------------------------------------------------------
+
+
+class Transaction(TimedChartModel):
+    """What the four transaction types share: identity, timer values, sending, ending.
+
+    ``outcome`` becomes ``'timeout'`` or ``'transport_error'`` when the transaction ends
+    that way, and stays ``'completed'`` otherwise.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, manager: TransactionManager, request: Request, peer: Peer,
+                 key: Hashable) -> None:
+        super().__init__()
+        self.manager = manager
+        self.request = request
+        self.peer = peer
+        self.key = key
+        self.outcome = "completed"
+        self.last_response: Response | None = None
+
+    # Values the charts' timer expressions name.
+    @property
+    def clock(self) -> IReactorTime:  # type: ignore[override]
+        return self.manager.clock
+
+    @property
+    def reliable(self) -> bool:
+        return self.peer.reliable
+
+    @property
+    def T1(self) -> float:  # the RFC's name, used by the charts
+        return self.manager.t1
+
+    @property
+    def T2(self) -> float:
+        return self.manager.t2
+
+    @property
+    def T4(self) -> float:
+        return self.manager.t4
+
+    @property
+    def id(self) -> str:
+        """Printable identity: the branch (or RFC 2543 Call-ID) and the method."""
+        key = self.key
+        if isinstance(key, tuple) and key and key[0] == "rfc2543":
+            return f"rfc2543:{key[4]}:{key[5]}:{key[6]}"
+        return f"{key[0]}:{key[-1]}" if isinstance(key, tuple) else str(key)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.state}>"
+
+    def state_changed(self, previous: str) -> None:
+        if self.state == TERMINATED:
+            self.manager._terminated(self)
+
+    def _count_retransmission(self) -> None:
+        self.manager.stats.retransmissions_sent[self.kind] += 1
+
+    # Shared callbacks.
+    def report_timeout(self, *_: Any) -> None:
+        self.outcome = "timeout"
+        self._tell("transaction_timeout")
+
+    def report_transport_error(self, *_: Any) -> None:
+        self.outcome = "transport_error"
+        self._tell("transaction_transport_error")
+
+    def _tell(self, method: str) -> None:
+        raise NotImplementedError
+
+
+class ClientTransaction(Transaction):
+    """ICT or NICT: sends a request, retransmits it over UDP, reports responses."""
+
+    def __init__(self, manager: TransactionManager, request: Request, peer: Peer,
+                 user: ClientTransactionUser, key: Hashable) -> None:
+        super().__init__(manager, request, peer, key)
+        self.user = user
+
+    def start(self) -> None:
+        """Send the request and arm the initial state's timers."""
+        self._run(self._start)
+
+    def _start(self) -> None:
+        self._send(self.request)
+        self._sync_timers()
+
+    def receive_response(self, response: Response) -> None:
+        raise NotImplementedError
+
+    def _send(self, request: Request) -> None:
+        if self.state == TERMINATED:  # never reached by the charts; kept as a guarantee
+            return
+        try:
+            self.manager.sender.send_request(request, self.peer)
+        except TransportError as exc:
+            log.debug("%r: transport error: %s", self, exc)
+            self.fire("transport_error")
+
+    # Callbacks named by the charts.
+    def retransmit(self, *_: Any) -> None:
+        self._count_retransmission()
+        self._send(self.request)
+
+    def pass_response(self, response: Response) -> None:
+        self.last_response = response
+        self.user.response_received(self, response)
+
+    def _tell(self, method: str) -> None:
+        getattr(self.user, method)(self)
+
+
+class InviteClientTransaction(ClientTransaction):
+    """RFC 3261 §17.1.1 + RFC 6026 (statecharts/ict.yaml)."""
+
+    chart_name = "ict"
+    kind = "ict"
+
+    @property
+    def timer_c(self) -> float | None:
+        return self.manager.timer_c
+
+    def receive_response(self, response: Response) -> None:
+        status = response.status
+        if status < 200:
+            self.fire("provisional", response)
+        elif status < 300:
+            self.fire("success", response)
+        else:
+            self.fire("failure", response)
+
+    def send_ack(self, response: Response) -> None:
+        self._send(build_ack_for_failure(self.request, response))
+
+
+class NonInviteClientTransaction(ClientTransaction):
+    """RFC 3261 §17.1.2 (statecharts/nict.yaml)."""
+
+    chart_name = "nict"
+    kind = "nict"
+
+    def receive_response(self, response: Response) -> None:
+        self.fire("provisional" if response.status < 200 else "final", response)
+
+
+class ServerTransaction(Transaction):
+    """IST or NIST: carries the TU's responses, absorbs request retransmissions."""
+
+    _final_triggers: ClassVar[tuple[str, str]]  # (2xx trigger, 3xx-6xx trigger)
+
+    def start(self) -> None:
+        """Arm the initial state's timers (the IST's automatic 100 Trying)."""
+        self.start_timers()
+
+    def respond(self, response: Response) -> None:
+        """Send ``response`` through the transaction; the chart decides whether it may.
+
+        Responses a state does not accept (a second final, anything after the end) are
+        discarded, as §17.2 requires.
+        """
+        status = response.status
+        if status < 200:
+            self.fire("tu_provisional", response)
+        else:
+            self.fire(self._final_triggers[status >= 300], response)
+
+    def receive_retransmission(self, request: Request) -> None:
+        self.fire("request_retransmit", request)
+
+    def _send_response(self, response: Response) -> None:
+        if self.state == TERMINATED:  # never reached by the charts; kept as a guarantee
+            return
+        try:
+            self.manager.sender.send_response(response, self.peer)
+        except TransportError as exc:
+            log.debug("%r: transport error: %s", self, exc)
+            self.fire("transport_error")
+
+    # Callbacks named by the charts.
+    def send_response(self, response: Response) -> None:
+        self.last_response = response
+        self._send_response(response)
+
+    def resend_response(self, *_: Any) -> None:
+        if self.last_response is not None:
+            self._count_retransmission()
+            self._send_response(self.last_response)
+
+    def _tell(self, method: str) -> None:
+        callback = getattr(self.manager.tu, method, None)
+        if callback is not None:
+            callback(self)
+
+
+class InviteServerTransaction(ServerTransaction):
+    """RFC 3261 §17.2.1 + RFC 6026 (statecharts/ist.yaml)."""
+
+    chart_name = "ist"
+    kind = "ist"
+    _final_triggers = ("tu_success", "tu_failure")
+
+    @property
+    def trying_delay(self) -> float | None:
+        return self.manager.trying_delay
+
+    def receive_ack(self, ack: Request, peer: Peer) -> None:
+        self.fire("ack", ack, peer)
+
+    def has_responded(self, *_: Any) -> bool:
+        return self.last_response is not None
+
+    def send_trying(self, *_: Any) -> None:
+        self.send_response(make_response(self.request, 100))
+
+    def pass_ack(self, ack: Request, peer: Peer) -> None:
+        self.manager.tu.request_received(ack, None, peer)
+
+
+class NonInviteServerTransaction(ServerTransaction):
+    """RFC 3261 §17.2.2 (statecharts/nist.yaml)."""
+
+    chart_name = "nist"
+    kind = "nist"
+    _final_triggers = ("tu_final", "tu_final")
+
+
+def build_ack_for_failure(invite: Request, response: Response) -> Request:
+    """The ACK an INVITE client transaction sends for a 3xx-6xx (§17.1.1.3).
+
+    Same Request-URI, Call-ID, From and CSeq number as the INVITE, CSeq method ACK, one
+    Via equal to the INVITE's top Via, To from the response (with its tag), the INVITE's
+    Route set and Max-Forwards.  ACKs for 2xx are the TU's business (§13.2.2.4).
+    """
+    src = invite.headers
+    headers = Headers()
+    headers.add("Via", src.getall("Via")[0])
+    max_forwards = src.get("Max-Forwards")
+    headers.add("Max-Forwards", max_forwards if max_forwards is not None else "70")
+    for route in src.getall("Route"):
+        headers.add("Route", route)
+    headers.add("From", src.get("From") or "")
+    headers.add("To", response.headers.get("To") or src.get("To") or "")
+    headers.add("Call-ID", invite.call_id)
+    headers.add("CSeq", f"{invite.cseq.seq} ACK")
+    return Request("ACK", invite.uri, headers)
+
+
+# -- manager --------------------------------------------------------------------------
+
+_KINDS: tuple[type[Transaction], ...] = (
+    InviteClientTransaction, NonInviteClientTransaction,
+    InviteServerTransaction, NonInviteServerTransaction,
+)
+
+
+def _sent_by(request: Request) -> tuple[str, int]:
+    via = request.top_via
+    return via.host.lower(), via.port or _DEFAULT_PORTS.get(via.transport, 5060)
+
+
+def _rfc2543_key(request: Request, method: str, to_tag: str | None) -> tuple[Any, ...]:
+    """§17.2.3's fallback for requests without the magic cookie."""
+    via = request.top_via
+    via_key = (via.transport, via.host.lower(), via.port, via.branch)
+    return ("rfc2543", str(request.uri), to_tag, request.from_.tag, request.call_id,
+            request.cseq.seq, method, via_key)
+
+
+class TransactionManager:
+    """Creates, matches and forgets transactions; the transport's message handler."""
+
+    def __init__(self, sender: MessageSender, tu: TransactionUser, clock: IReactorTime, *,
+                 t1: float = 0.5, t2: float = 4.0, t4: float = 5.0,
+                 trying_delay: float | None = 0.2, timer_c: float | None = 180.0) -> None:
+        """``trying_delay``: when the IST sends 100 Trying itself (None: never).
+        ``timer_c``: how long an ICT waits in Proceeding (None: forever; RFC 3261 §16.6
+        asks more than 3 minutes of proxies)."""
+        self.sender = sender
+        self.tu = tu
+        self.clock = clock
+        self.t1 = t1
+        self.t2 = t2
+        self.t4 = t4
+        self.trying_delay = trying_delay
+        self.timer_c = timer_c
+        self.stats = TransactionStats()
+        self._client: dict[Hashable, ClientTransaction] = {}
+        self._server: dict[Hashable, ServerTransaction] = {}
+
+    # -- inbound ------------------------------------------------------------------------
+    def handle_request(self, request: Request, peer: Peer) -> None:
+        """Match a request to a server transaction (§17.2.3) or create one."""
+        method = request.method
+        try:
+            key = self._server_key(request, "INVITE" if method == "ACK" else method)
+            txn = self._server.get(key)
+            if txn is None and method == "ACK" and key[0] == "rfc2543":
+                txn = self._match_rfc2543_ack(request)
+        except SIPParseError as exc:
+            log.debug("dropping a request that cannot be matched: %s", exc)
+            self.stats.dropped += 1
+            return
+        if method == "ACK":
+            if isinstance(txn, InviteServerTransaction):
+                txn.receive_ack(request, peer)  # absorbed, or passed up in Accepted
+            else:
+                self.stats.stray_acks += 1  # ACK for a 2xx: end to end, for the TU
+                self.tu.request_received(request, None, peer)
+            return
+        if txn is not None:
+            self.stats.retransmissions_received[txn.kind] += 1
+            txn.receive_retransmission(request)
+            return
+        cls: type[ServerTransaction] = (InviteServerTransaction if method == "INVITE"
+                                        else NonInviteServerTransaction)
+        txn = cls(self, request, peer, key)
+        self._server[key] = txn
+        self.stats.created[txn.kind] += 1
+        txn.start()
+        self.tu.request_received(request, txn, peer)
+
+    def handle_response(self, response: Response, peer: Peer) -> None:
+        """Match a response to a client transaction (§17.1.3): top Via branch + method."""
+        try:
+            key = (response.top_via.branch, response.cseq.method)
+        except SIPParseError as exc:
+            log.debug("dropping a response that cannot be matched: %s", exc)
+            self.stats.dropped += 1
+            return
+        txn = self._client.get(key)
+        if txn is not None:
+            txn.receive_response(response)
+            return
+        self.stats.stray_responses += 1
+        stray = getattr(self.tu, "response_received_stray", None)
+        if stray is not None:
+            stray(response, peer)
+
+    def find_invite_server_transaction(self, cancel: Request) -> InviteServerTransaction | None:
+        """The INVITE server transaction a CANCEL targets (§9.2), if it is still alive."""
+        try:
+            txn = self._server.get(self._server_key(cancel, "INVITE"))
+        except SIPParseError:
+            return None
+        return txn if isinstance(txn, InviteServerTransaction) else None
+
+    # -- outbound -----------------------------------------------------------------------
+    def send_request(self, request: Request, peer: Peer,
+                     user: ClientTransactionUser) -> ClientTransaction:
+        """Send ``request`` in a new client transaction.
+
+        The top Via must carry a fresh :func:`new_branch`.  A transport error on the
+        first send is reported to ``user`` before this returns (the transaction is then
+        already terminated).
+        """
+        method = request.method
+        if method == "ACK":
+            raise ValueError("ACK never creates a transaction: use send_ack()")
+        branch = request.top_via.branch
+        if not branch or not branch.startswith(MAGIC_COOKIE):
+            raise ValueError("a client transaction needs a z9hG4bK branch (new_branch())")
+        key = (branch, method)
+        if key in self._client:
+            raise ValueError(f"branch {branch} is already used by a {method} transaction")
+        cls: type[ClientTransaction] = (InviteClientTransaction if method == "INVITE"
+                                        else NonInviteClientTransaction)
+        txn = cls(self, request, peer, user, key)
+        self._client[key] = txn
+        self.stats.created[txn.kind] += 1
+        txn.start()
+        return txn
+
+    def send_ack(self, ack: Request, peer: Peer) -> None:
+        """Send the ACK for a 2xx: end to end, outside any transaction (§13.2.2.4).
+
+        Raises :class:`TransportError` like the sender does.
+        """
+        if ack.method != "ACK":
+            raise ValueError("send_ack() sends ACK requests only")
+        self.sender.send_request(ack, peer)
+
+    def send_stateless(self, message: Request | Response, peer: Peer) -> None:
+        """Send a request or response with no transaction (stateless proxying, replies
+        to requests that must not create state)."""
+        if isinstance(message, Request):
+            self.sender.send_request(message, peer)
+        else:
+            self.sender.send_response(message, peer)
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _server_key(self, request: Request, method: str) -> tuple[Any, ...]:
+        branch = request.top_via.branch
+        if branch and branch.startswith(MAGIC_COOKIE):
+            host, port = _sent_by(request)
+            return (branch, host, port, method)
+        return _rfc2543_key(request, method, request.to.tag)
+
+    def _match_rfc2543_ack(self, ack: Request) -> ServerTransaction | None:
+        """An RFC 2543 ACK carries the To tag of the response, not of the INVITE."""
+        txn = self._server.get(_rfc2543_key(ack, "INVITE", None))
+        if txn is None or txn.last_response is None:
+            return None
+        return txn if txn.last_response.to.tag == ack.to.tag else None
+
+    def _terminated(self, txn: Transaction) -> None:
+        table: dict[Hashable, Any] = (self._client if isinstance(txn, ClientTransaction)
+                                      else self._server)
+        if table.get(txn.key) is txn:
+            del table[txn.key]
+        self.stats.terminated[txn.kind][txn.outcome] += 1
+
+    def transactions(self) -> list[Transaction]:
+        """Every live transaction (tests, diagnostics)."""
+        return [*self._client.values(), *self._server.values()]
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Live transactions per type and state, every non-final state listed."""
+        out = {cls.kind: dict.fromkeys(
+            (s for s in cls.chart().state_names if s != TERMINATED), 0) for cls in _KINDS}
+        for txn in self.transactions():
+            out[txn.kind][txn.state] += 1
+        return out
+
+    def close(self) -> None:
+        """Cancel every timer (process shutdown); transactions are forgotten."""
+        for txn in self.transactions():
+            txn.cancel_timers()
+        self._client.clear()
+        self._server.clear()

@@ -1,0 +1,29 @@
+"""``twistd pbx``: the PBX as a twistd plugin (``twistd -n pbx --config FILE``)."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService, IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "configuration file (default: $PBX_CONFIG, else ./config.yml)"],
+    ]
+
+
+@implementer(IServiceMaker, IPlugin)
+class PBXServiceMaker:
+    tapname = "pbx"
+    description = "A declarative state-machine PBX (SIP registrar, B2BUA, RTP relay)."
+    options = Options
+
+    def makeService(self, options: Options) -> IService:
+        from pbx.runner import build_service
+
+        return build_service(options["config"])
+
+
+serviceMaker = PBXServiceMaker()
