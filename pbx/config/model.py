@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -36,6 +35,16 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+)
+
+from pbx.config.base import Section as _Section
+from pbx.config.base import fix_hint as _fix
+from pbx.config.base import rule_error as _rule_error
+from pbx.config.security import (
+    AuthSettings,
+    ExtensionSeed,
+    RegistrarSettings,
+    SecuritySettings,
 )
 
 __all__ = [
@@ -79,21 +88,6 @@ class LogLevel(StrEnum):
     ERROR = "ERROR"
 
 
-def _fix(hint: str) -> dict[str, Any]:
-    """Attach an operator-facing hint to a field (read by the error formatter)."""
-    return {"fix": hint}
-
-
-def _rule_error(key: str, message: str, fix: str) -> PydanticCustomError:
-    """Build a cross-field validation error that still names a precise key.
-
-    Model validators only know the section they run in; the ``key`` and ``fix``
-    in the context let the formatter point at e.g. ``rtp.port_min``.
-    """
-    ctx = {"message": message, "key": key, "fix": fix}
-    return PydanticCustomError("pbx_rule", "{message}", ctx)
-
-
 def is_secret_key(key: str) -> bool:
     """True when a (dotted) key names a secret and its value must never be shown."""
     last = key.rsplit(".", 1)[-1].lower()
@@ -112,12 +106,6 @@ def url_has_password(url: str) -> bool:
     """True when a URL carries an inline password (``user:pw@``)."""
     match = _URL_PASSWORD.match(url)
     return bool(match and match["pw"])
-
-
-class _Section(BaseModel):
-    """Base for all sections: unknown keys are errors, assignments re-validate."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class SipTimers(_Section):
@@ -396,6 +384,10 @@ class Settings(BaseSettings):
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     calls: CallsSettings = Field(default_factory=CallsSettings)
+    registrar: RegistrarSettings = Field(default_factory=RegistrarSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    extensions: list[ExtensionSeed] = Field(default_factory=list)
 
     @field_validator("mode", mode="before")
     @classmethod
