@@ -37,6 +37,15 @@ from pbx.config.model import (
     collect_warnings,
     default_sqlite_url,
 )
+from pbx.config.validation import (
+    Finding,
+    ValidationReport,
+    render_json,
+    render_text,
+    validate,
+    validate_data,
+    validate_file,
+)
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -46,6 +55,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "DatabaseSettings",
+    "Finding",
     "LifecycleSettings",
     "LogFormat",
     "LogLevel",
@@ -55,9 +65,15 @@ __all__ = [
     "Settings",
     "SipSettings",
     "SipTimers",
+    "ValidationReport",
     "collect_warnings",
     "default_sqlite_url",
     "describe_sources",
     "env_var_name",
     "load_settings",
+    "render_json",
+    "render_text",
+    "validate",
+    "validate_data",
+    "validate_file",
 ]

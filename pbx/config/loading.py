@@ -246,7 +246,13 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int], list[str]]:
         raise fail(f"cannot read config file {path}: {exc}",
                    "check the file permissions and that it is UTF-8 text") from None
 
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader rejects control characters while it is constructed, so it belongs
+        # inside the try as well.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise fail(f"{path}: invalid YAML: {exc}",
+                   "remove control characters; save the file as UTF-8 text") from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

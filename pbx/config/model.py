@@ -239,6 +239,9 @@ class DatabaseSettings(_Section):
     url: str | None = Field(None, json_schema_extra=_fix(_DB_URL_FIX))
     pool_min: int = Field(1, ge=0, le=1000, json_schema_extra=_fix("use an integer >= 0"))
     pool_max: int = Field(5, ge=1, le=1000, json_schema_extra=_fix("use an integer >= 1"))
+    # Create or migrate the schema at start-up. Turn off where several nodes share one
+    # PostgreSQL and upgrades are rolled out node by node: run `pbx db init` once instead.
+    migrate_on_start: bool = Field(True, json_schema_extra=_fix("use true or false"))
 
     @field_validator("url", mode="after")
     @classmethod
