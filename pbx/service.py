@@ -2,20 +2,43 @@
 
 ``make_service`` is what both runners use (``twistd -n pbx`` through the plugin and the
 ``pbx run`` command), so they cannot drift apart.
+
+Start-up order: bind the SIP sockets (a taken port fails at once; until `ready` every
+OPTIONS gets 503), open the store (migrating when configured), seed extensions from the
+config, restore the location bindings, then fire `started`. A clean stop flushes the
+location service before the store closes.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
 
+from pbx.admin import seed_extensions
 from pbx.config import Settings
 from pbx.lifecycle import Lifecycle
-from pbx.sip import SIPEndpoint, SIPTransport, TransactionManager
+from pbx.sip import (
+    CachedCredentialLookup,
+    Credentials,
+    DigestAuthenticator,
+    DigestPolicy,
+    LocationService,
+    Registrar,
+    RegistrarPolicy,
+    SecurityPolicy,
+    SIPEndpoint,
+    SIPTransport,
+    SourceGuard,
+    TransactionManager,
+)
+from pbx.store import SchemaOutdated, SchemaTooNew, Store, StoreError, open_store
 
 log = logging.getLogger("pbx")
 
@@ -24,8 +47,26 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 78
 
 
+class StoreCredentials:
+    """The registrar's credential source: extension HA1 hashes from the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def credentials(self, username: str) -> Deferred[Credentials | None]:
+        return self.store.get_extension(username).addCallback(self._convert)
+
+    @staticmethod
+    def _convert(record: Any) -> Credentials | None:
+        if record is None:
+            return None
+        ha1 = {name: value for name, value in (("MD5", record.ha1_md5),
+                                               ("SHA-256", record.ha1_sha256)) if value}
+        return Credentials(record.number, record.realm, ha1, bool(record.enabled))
+
+
 class PBXService(service.Service):
-    """The whole PBX process: SIP listener, transaction layer, lifecycle, signals."""
+    """The whole PBX process: SIP stack, registrar, store, lifecycle, signals."""
 
     name = "pbx"
 
@@ -36,11 +77,18 @@ class PBXService(service.Service):
         self.reactor = reactor
         self.settings = settings
         self.exit_code = EXIT_OK
+        self.node = socket.gethostname()
         self.lifecycle = Lifecycle(reactor, drain_timeout=settings.lifecycle.drain_timeout,
                                    active_work=self.active_work)
         self.lifecycle.subscribe(self._lifecycle_changed)
         sip = settings.sip
-        self.transport = SIPTransport(reactor, max_message_size=sip.max_message_size)
+        db = settings.database
+        self.store: Store = open_store(settings.database_url, pool_min=db.pool_min,
+                                       pool_max=db.pool_max, reactor=reactor)
+        self.guard = SourceGuard(SecurityPolicy.from_settings(settings.security),
+                                 now=reactor.seconds)
+        self.transport = SIPTransport(reactor, max_message_size=sip.max_message_size,
+                                      guard=self.guard)
         self.endpoint = SIPEndpoint(is_ready=lambda: self.lifecycle.ready,
                                     retry_after=settings.lifecycle.retry_after,
                                     user_agent=sip.user_agent)
@@ -49,6 +97,19 @@ class PBXService(service.Service):
             t1=sip.timers.t1, t2=sip.timers.t2, t4=sip.timers.t4,
         )
         self.transport.handler = self.transactions
+        self.location = LocationService(reactor, self.store,
+                                        sweep_interval=settings.registrar.sweep_interval)
+        self.credentials = CachedCredentialLookup(StoreCredentials(self.store), reactor)
+        realm = sip.realm or sip.domain
+        self.registrar = Registrar(
+            location=self.location,
+            authenticator=DigestAuthenticator(realm, DigestPolicy.from_settings(settings.auth)),
+            credentials=self.credentials,
+            policy=RegistrarPolicy.from_settings(settings.registrar),
+            domains=[sip.domain, realm], guard=self.guard, check_guard=False,
+            node=self.node, user_agent=sip.user_agent,
+        )
+        self.endpoint.handlers["REGISTER"] = self.registrar.handle_register
         self._signals_seen = 0
         self._stopping_reactor = False
 
@@ -69,12 +130,44 @@ class PBXService(service.Service):
             self.lifecycle.fire("start_failed")
             return
         self.reactor.addSystemEventTrigger("after", "startup", self._install_signal_handlers)
-        self.lifecycle.fire("started")
+        self._start_components().addErrback(self._start_failed)
 
-    def stopService(self) -> None:
+    @inlineCallbacks
+    def _start_components(self) -> Generator[Deferred[Any], Any, None]:
+        if self.settings.database.migrate_on_start:
+            version = yield self.store.migrate()
+            log.info("database: %s schema at version %d", self.store.kind, version)
+        yield self.store.open()
+        seeded = yield seed_extensions(self.store, self.settings)
+        for number in seeded.created:
+            log.info("extension %s created from the configuration", number)
+        for number, why in seeded.skipped.items():
+            log.warning("extension %s not created: %s", number, why)
+        restored = yield self.location.load()
+        log.info("location: %d bindings restored", restored)
+        self.location.start()
+        if self.lifecycle.state == "starting":
+            self.lifecycle.fire("started")
+
+    def _start_failed(self, failure: Any) -> None:
+        if failure.check(SchemaOutdated, SchemaTooNew, StoreError):
+            log.error("database: %s", failure.getErrorMessage())
+        else:
+            log.error("start-up failed: %s", failure.getErrorMessage())
+            log.debug("%s", failure.getTraceback())
+        self.lifecycle.fail(failure.getErrorMessage())
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         if not self.lifecycle.finished:
             self.lifecycle.fire("stop")
         self.transport.stop_listening()
+        self.transactions.close()
+        try:
+            yield self.location.stop()
+        except Exception as exc:  # a store that went away must not block the exit
+            log.error("location: final flush failed: %s", exc)
+        yield self.store.close()
         super().stopService()
 
     # -- signals --------------------------------------------------------------------

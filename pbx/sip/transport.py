@@ -11,6 +11,7 @@ request can be answered, otherwise dropped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections import Counter
@@ -23,6 +24,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorUDP
 from twisted.python.failure import Failure
 
+from pbx.sip.abuse import SourceGuard, Verdict
 from pbx.sip.errors import SIPParseError
 from pbx.sip.headers import Via
 from pbx.sip.message import Request, Response, StreamFramer, make_response, parse
@@ -91,9 +93,10 @@ class SIPTransport:
     """Owns the sockets of one SIP listener and routes messages in and out."""
 
     def __init__(self, reactor: IReactorTCP | IReactorUDP, *,
-                 max_message_size: int = 65535) -> None:
+                 max_message_size: int = 65535, guard: SourceGuard | None = None) -> None:
         self.reactor = reactor
         self.max_message_size = max_message_size
+        self.guard = guard
         self.handler: MessageHandler | None = None
         self.stats = TransportStats.new()
         self.listening: list[tuple[str, str, int]] = []
@@ -152,6 +155,8 @@ class SIPTransport:
             if isinstance(message, Request):
                 self.stats.received[message.method] += 1
                 stamp_via(message, peer)
+                if self.guard is not None and not self._admit(message, peer):
+                    return
                 if self.handler is not None:
                     self.handler.handle_request(message, peer)
             else:
@@ -161,6 +166,30 @@ class SIPTransport:
         except Exception:
             log.exception("error handling a message from %s", peer)
             self.stats.dropped["handler_error"] += 1
+
+    def _admit(self, request: Request, peer: Peer) -> bool:
+        """Abuse defence before any transaction exists (so a refused request costs no
+        state): out-of-dialog requests pass the per-source rate limit and block list.
+
+        Rate-limited requests are dropped (answering a flood only amplifies it); a blocked
+        source gets 403 or silence, as configured.
+        """
+        if request.method in ("ACK", "CANCEL") or "tag=" in (request.headers.get("To") or ""):
+            return True
+        assert self.guard is not None
+        verdict = self.guard.check(peer.host)
+        if verdict is Verdict.ALLOW:
+            return True
+        if verdict is Verdict.REJECT:
+            with contextlib.suppress(TransportError):
+                self.send_response(make_response(request, 403, "Forbidden",
+                                                 to_tag=secrets.token_hex(6)), peer)
+            self.stats.dropped["blocked_rejected"] += 1
+        elif verdict is Verdict.DROP:
+            self.stats.dropped["blocked_dropped"] += 1
+        else:
+            self.stats.dropped["rate_limited"] += 1
+        return False
 
     def _reject(self, err: SIPParseError, peer: Peer) -> None:
         """Answer a bad request with 400 (or 505/416/513) when its Via lets us route it."""
