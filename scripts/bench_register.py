@@ -45,6 +45,8 @@ class Step:
     failed: int
     retransmissions: int
     seconds: float
+    cpu_us_per_registration: float = 0.0
+    rss_mb: float = 0.0
 
     @property
     def clean(self) -> bool:
@@ -111,9 +113,25 @@ def create_users(config: Path, count: int, env: dict[str, str], workdir: Path) -
     return users
 
 
-def start_pbx(config: Path, env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_pbx(config: Path, env: dict[str, str], workdir: Path,
+              profile: str | None = None) -> subprocess.Popen[bytes]:
+    extra = ([f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+             if profile else [])
     proc = subprocess.Popen(
-        [str(TWISTD), "--nodaemon", "--pidfile=", "pbx", "--config", str(config)],
+        [str(TWISTD), "--nodaemon", "--pidfile=", *extra, "pbx", "--config", str(config)],
         cwd=workdir, env=env, stdout=(workdir / "pbx.log").open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -126,7 +144,7 @@ def start_pbx(config: Path, env: dict[str, str], workdir: Path) -> subprocess.Po
 
 
 def run_step(sipp: str, port: int, users: Path, rate: int, seconds: float,
-             workdir: Path) -> Step:
+             workdir: Path, pid: int) -> Step:
     total = max(1, int(rate * seconds))
     stats = workdir / f"stat_{rate}.csv"
     cmd = [
@@ -137,8 +155,11 @@ def run_step(sipp: str, port: int, users: Path, rate: int, seconds: float,
         "-trace_stat", "-stf", str(stats), "-fd", "1",
     ]
     started = time.monotonic()
+    cpu_before = process_cpu(pid)
     subprocess.run(cmd, cwd=workdir, capture_output=True, timeout=seconds * 4 + 60)
     elapsed = time.monotonic() - started
+    cpu = process_cpu(pid) - cpu_before
+    rss = process_rss_mb(pid)
     rows = list(csv.DictReader(stats.open(encoding="ascii"), delimiter=";"))
     last = rows[-1] if rows else {}
 
@@ -149,7 +170,7 @@ def run_step(sipp: str, port: int, users: Path, rate: int, seconds: float,
 
     return Step(rate=rate, attempted=total, succeeded=value("SuccessfulCall(C)"),
                 failed=value("FailedCall(C)"), retransmissions=value("Retransmissions(C)"),
-                seconds=elapsed)
+                seconds=elapsed, cpu_us_per_registration=cpu / total * 1e6, rss_mb=rss)
 
 
 def bench_backend(backend: str, args: argparse.Namespace, sipp: str) -> dict[str, object]:
@@ -170,17 +191,20 @@ def bench_backend(backend: str, args: argparse.Namespace, sipp: str) -> dict[str
     port = free_port()
     config = write_config(workdir, port, db_url)
     users = create_users(config, args.users, env, workdir)
-    proc = start_pbx(config, env, workdir)
+    profile = str(Path(args.profile).resolve()) if args.profile else None
+    proc = start_pbx(config, env, workdir, profile)
     steps: list[Step] = []
     try:
         for rate in args.rates:
-            step = run_step(sipp, port, users, rate, args.seconds, workdir)
+            step = run_step(sipp, port, users, rate, args.seconds, workdir, proc.pid)
             steps.append(step)
             if not args.json:
                 print(f"  {backend:<10} {rate:>6}/s offered: {step.succeeded}/{step.attempted} ok, "
                       f"{step.failed} failed, {step.retransmissions} retransmissions, "
-                      f"{step.achieved:,.0f}/s achieved")
-            if not step.clean:
+                      f"{step.achieved:,.0f}/s achieved, "
+                      f"{step.cpu_us_per_registration:.0f} µs PBX CPU/registration, "
+                      f"RSS {step.rss_mb:.0f} MB")
+            if not step.clean and not args.keep_going:
                 break
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -214,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="run every rate step even after one that is not clean")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the PBX under cProfile and save the stats to FILE")
     args = parser.parse_args(argv)
     sipp = shutil.which("sipp")
     if sipp is None:

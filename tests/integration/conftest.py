@@ -63,7 +63,8 @@ class PBXProcess:
         return self.proc.wait(timeout)
 
 
-def write_config(directory: Path, *, port: int = 0) -> Path:
+def write_config(directory: Path, *, port: int = 0, extra: str = "") -> Path:
+    """A config for a test PBX on loopback; ``extra`` is appended YAML (other sections)."""
     config = directory / "config.yml"
     config.write_text(
         "sip:\n"
@@ -74,7 +75,7 @@ def write_config(directory: Path, *, port: int = 0) -> Path:
         "  port: 0\n"
         f"data_dir: {directory / 'var'}\n"
         "logging:\n"
-        "  level: INFO\n",
+        "  level: INFO\n" + extra,
         encoding="utf-8",
     )
     return config
@@ -86,8 +87,9 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def start_pbx(directory: Path, *args: str, env: dict[str, str] | None = None) -> PBXProcess:
-    config = write_config(directory)
+def start_pbx(directory: Path, *args: str, env: dict[str, str] | None = None,
+              extra: str = "", config: Path | None = None) -> PBXProcess:
+    config = config or write_config(directory, extra=extra)
     cmd = [str(TWISTD), "--nodaemon", "--pidfile=", "pbx", "--config", str(config), *args]
     proc = subprocess.Popen(cmd, cwd=directory, env=env or clean_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
