@@ -76,6 +76,7 @@ SECRET_KEY_PARTS: tuple[str, ...] = ("token", "password", "secret")
 MASK = "***"
 
 Mode = Literal["development", "production"]
+Codec = Literal["PCMU", "PCMA", "G722", "telephone-event"]
 LogFormat = Literal["text", "json"]
 
 
@@ -186,6 +187,11 @@ class RtpSettings(_Section):
         10000, json_schema_extra=_fix("use an even integer between 1024 and 65534")
     )
     port_max: int = Field(20000, json_schema_extra=_fix("use an integer between 1025 and 65535"))
+    # Offered/accepted in SDP, in order of preference. An empty list is reported by the
+    # validator (CODEC_NONE_ENABLED), which refuses to start.
+    codecs: list[Codec] = Field(
+        default_factory=lambda: ["PCMU", "PCMA", "G722", "telephone-event"],
+        json_schema_extra=_fix("list codecs from PCMU, PCMA, G722, telephone-event"))
 
     @model_validator(mode="after")
     def _check_range(self) -> RtpSettings:
@@ -334,6 +340,18 @@ class CallsSettings(_Section):
     ring_timeout: float = Field(30.0, gt=0, json_schema_extra=_fix("use a number of seconds > 0"))
     media_timeout: float = Field(60.0, gt=0,
                                  json_schema_extra=_fix("use a number of seconds > 0"))
+    # Numbers matching this are internal extensions (dialled directly).
+    dialplan_pattern: str = Field(r"^[0-9]{2,15}$", json_schema_extra=_fix(
+        "use a regular expression matching your extension numbers, e.g. ^[0-9]{3,4}$"))
+
+    @field_validator("dialplan_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
 
 # The YAML file's parsed mapping for the load in progress.  A ContextVar (not a

@@ -230,6 +230,8 @@ RULES: list[tuple[str, str, str, Callable[[dict[str, Any]], None]]] = [
     ("PROD_EXAMPLE_VALUE", "warning", "sip.domain", _set("sip.domain", "pbx.example.com")),
     ("PROD_DEFAULT_VALUE", "warning", "sip.domain", _set("sip.domain", "pbx.local")),
     ("PROD_DEBUG_LOGGING", "warning", "logging.level", _set("logging.level", "DEBUG")),
+    ("CODEC_NONE_ENABLED", "error", "rtp.codecs", _set("rtp.codecs", [])),
+    ("CODEC_NO_G711", "warning", "rtp.codecs", _set("rtp.codecs", ["G722", "telephone-event"])),
     ("SERVER_RTP_RANGE_SMALL", "warning", "rtp.port_max",
      lambda d: (d["rtp"].update(port_max=10049), d["calls"].update(max_calls=10))),
 ]
