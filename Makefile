@@ -38,6 +38,7 @@ diagrams: install
 bench: install
 	$(BIN)/python scripts/bench_sip_codec.py
 	$(BIN)/python scripts/bench_transactions.py
+	$(BIN)/python scripts/bench_registrar.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
