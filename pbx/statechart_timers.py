@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,14 +214,121 @@ def _as_list(value: Any) -> list[str]:
 
 
 class _Running:
-    """A running timer: its spec, current interval and reactor call (None = immediate)."""
+    """A running timer: its spec, current interval, and where it waits (None = an
+    immediate timer, or one that has fired or been cancelled)."""
 
-    __slots__ = ("call", "interval", "spec")
+    __slots__ = ("deadline", "interval", "model", "queue", "spec")
 
     def __init__(self, spec: TimerSpec, interval: float) -> None:
         self.spec = spec
         self.interval = interval
+        self.queue: _DelayQueue | None = None
+        self.model: TimedChartModel | None = None
+        self.deadline = 0.0
+
+
+class _DelayQueue:
+    """Every running timer of one delay on one clock, in one FIFO with one reactor call.
+
+    Timers armed with the same delay on a monotonic clock expire in the order they
+    were armed, so they need no heap: the queue keeps one ``callLater`` for its
+    earliest entry and, when it fires, expires every entry that is due.  Thousands of
+    transactions each waiting 32 s for Timer J then cost a deque slot each instead of
+    a reactor ``DelayedCall`` (with its argument tuple and bound methods), which
+    matters to memory and to the garbage collector.
+
+    Cancelling is lazy: the entry is marked and stays in the deque until its deadline
+    (it no longer refers to its model); when no live entry is left the reactor call
+    is cancelled too, so an idle clock has nothing scheduled.  If the clock goes back
+    (a wall-clock step), timers armed after the step wait behind earlier ones: late,
+    never early, as with the reactor's own timers.
+    """
+
+    __slots__ = ("_clock", "call", "delay", "entries", "firing", "live")
+
+    def __init__(self, clock: IReactorTime, delay: float) -> None:
+        self._clock = weakref.ref(clock)  # the registry is keyed weakly by the clock
+        self.delay = delay
+        self.entries: deque[_Running] = deque()
         self.call: IDelayedCall | None = None
+        self.firing = False
+        self.live = 0
+
+    def add(self, entry: _Running, model: TimedChartModel) -> None:
+        clock = model.clock
+        entry.deadline = clock.seconds() + self.delay
+        entry.model = model
+        entry.queue = self
+        self.entries.append(entry)
+        self.live += 1
+        if self.call is None and not self.firing:
+            self.call = clock.callLater(self.delay, self._fire)
+
+    def discard(self, entry: _Running) -> None:
+        entry.queue = None
+        entry.model = None
+        self.live -= 1
+        if self.live == 0:
+            self.entries.clear()
+            call, self.call = self.call, None
+            if call is not None and call.active():
+                call.cancel()
+
+    def _fire(self) -> None:
+        self.call = None
+        clock = self._clock()
+        if clock is None:  # pragma: no cover - a clock that is gone fires nothing
+            return
+        now = clock.seconds()
+        due = now + 1e-9  # the call was set for ``deadline - now``: allow the rounding
+        entries = self.entries
+        error: Exception | None = None
+        self.firing = True
+        try:
+            while entries and entries[0].deadline <= due:
+                entry = entries.popleft()
+                model = entry.model
+                if entry.queue is not self or model is None:
+                    continue  # cancelled
+                entry.queue = None
+                entry.model = None
+                self.live -= 1
+                try:
+                    model._run(model._expire, entry.spec.name, entry)
+                except Exception as exc:  # the other models' timers still expire
+                    error = error or exc
+        finally:
+            self.firing = False
+            while entries and entries[0].queue is not self:
+                entries.popleft()
+            if entries and self.call is None:
+                self.call = clock.callLater(max(0.0, entries[0].deadline - now), self._fire)
+        if error is not None:
+            raise error
+
+
+_QUEUES: weakref.WeakKeyDictionary[Any, dict[float, _DelayQueue]] = weakref.WeakKeyDictionary()
+_last_clock: list[Any] = [None, None]  # (clock, its queues): the registry's hot path
+
+
+def _queue(clock: IReactorTime, delay: float) -> _DelayQueue:
+    if _last_clock[0] is clock:
+        queues = _last_clock[1]
+    else:
+        queues = _QUEUES.get(clock)
+        if queues is None:
+            queues = _QUEUES[clock] = {}
+        _last_clock[0], _last_clock[1] = clock, queues
+    queue = queues.get(delay)
+    if queue is None:
+        queue = queues[delay] = _DelayQueue(clock, delay)
+    return queue
+
+
+def _cancel(entry: _Running) -> None:
+    queue = entry.queue
+    if queue is not None:
+        queue.discard(entry)
 
 
 class TimedChartModel(ChartModel):
@@ -256,8 +364,7 @@ class TimedChartModel(ChartModel):
         """Cancel every running timer without changing state (shutdown, tests)."""
         running, self._running_timers = self._running_timers, {}
         for entry in running.values():
-            if entry.call is not None and entry.call.active():
-                entry.call.cancel()
+            _cancel(entry)
 
     def active_timers(self) -> dict[str, float]:
         """Running timers and their current intervals (introspection, health, tests)."""
@@ -314,9 +421,7 @@ class TimedChartModel(ChartModel):
         running = self._running_timers
         if running:
             for name in [n for n in running if declared is None or n not in declared]:
-                call = running.pop(name).call
-                if call is not None and call.active():
-                    call.cancel()
+                _cancel(running.pop(name))
         if declared is None:
             return
         for name, options in declared.items():
@@ -335,7 +440,7 @@ class TimedChartModel(ChartModel):
         if delay <= 0:
             self._run(self._expire, spec.name, entry)
         else:
-            entry.call = self.clock.callLater(delay, self._run, self._expire, spec.name, entry)
+            _queue(self.clock, delay).add(entry, self)
 
     def _expire(self, name: str, entry: _Running) -> None:
         if self._running_timers.get(name) is not entry:

@@ -194,6 +194,12 @@ def bench_backend(backend: str, args: argparse.Namespace, sipp: str) -> dict[str
     profile = str(Path(args.profile).resolve()) if args.profile else None
     proc = start_pbx(config, env, workdir, profile)
     steps: list[Step] = []
+    spy = None
+    if args.py_spy:
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
+             "--format", "raw", "--rate", "250", "--nonblocking", "--output",
+             str(Path(args.py_spy).resolve())], stdout=subprocess.DEVNULL)
     try:
         for rate in args.rates:
             step = run_step(sipp, port, users, rate, args.seconds, workdir, proc.pid)
@@ -207,6 +213,9 @@ def bench_backend(backend: str, args: argparse.Namespace, sipp: str) -> dict[str
             if not step.clean and not args.keep_going:
                 break
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         if schema is not None:
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--keep-going", action="store_true",
                         help="run every rate step even after one that is not clean")
+    parser.add_argument("--py-spy", metavar="FILE",
+                        help="sample the PBX with py-spy (pip install py-spy) into FILE, "
+                             "as collapsed stacks")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the PBX under cProfile and save the stats to FILE")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
 # With CI=true a tool that is still missing is a failure, never a silent skip.
 set -u
 # command -> Debian package
-TOOLS="sipp:sip-tester openssl:openssl"
+TOOLS="sipp:sip-tester openssl:openssl promtool:prometheus kamailio:kamailio baresip:baresip-core"
 missing=""
 for entry in $TOOLS; do
     cmd=${entry%%:*}; pkg=${entry#*:}

@@ -226,6 +226,10 @@ class ApiSettings(_Section):
     token: SecretStr | None = Field(
         None, json_schema_extra=_fix("set PBX_API__TOKEN in the environment or .env")
     )
+    enabled: bool = Field(True, json_schema_extra=_fix("use true or false"))
+    rate_limit: float = Field(20.0, gt=0, json_schema_extra=_fix(
+        "use requests per second one client may send to /api/, e.g. 20"))
+    rate_burst: int = Field(60, ge=1, json_schema_extra=_fix("use an integer >= 1, e.g. 60"))
 
     @field_validator("token", mode="after")
     @classmethod
@@ -301,6 +305,25 @@ class DatabaseSettings(_Section):
         if self.url is None:
             return None
         return "sqlite" if self.url.lower().startswith("sqlite:") else "postgresql"
+
+
+class HealthSettings(_Section):
+    """Probe timing and the resource thresholds that make health `degraded`."""
+
+    heartbeat_interval: float = Field(0.25, gt=0, json_schema_extra=_fix(
+        "use seconds between reactor heartbeats, e.g. 0.25"))
+    liveness_max_lag: float = Field(2.0, gt=0, json_schema_extra=_fix(
+        "use the reactor lag in seconds that fails /live, e.g. 2"))
+    database_timeout: float = Field(2.0, gt=0, json_schema_extra=_fix(
+        "use seconds the health database query may take, e.g. 2"))
+    cache_seconds: float = Field(1.0, ge=0, json_schema_extra=_fix(
+        "use seconds a database/system reading is reused by probes, e.g. 1"))
+    cpu_warn_percent: float = Field(80.0, gt=0, le=100, json_schema_extra=_fix(
+        "use a percentage between 1 and 100"))
+    memory_warn_percent: float = Field(85.0, gt=0, le=100, json_schema_extra=_fix(
+        "use a percentage between 1 and 100"))
+    disk_warn_percent: float = Field(90.0, gt=0, le=100, json_schema_extra=_fix(
+        "use a percentage between 1 and 100"))
 
 
 class LifecycleSettings(_Section):
@@ -403,6 +426,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     calls: CallsSettings = Field(default_factory=CallsSettings)
     registrar: RegistrarSettings = Field(default_factory=RegistrarSettings)

@@ -3,13 +3,17 @@
 This is the package's public face; other packages import only from here.
 """
 
+from pbx.sip import sdp
 from pbx.sip.abuse import SecurityPolicy, SourceGuard, Verdict
 from pbx.sip.auth import (
+    AuthOutcome,
     CachedCredentialLookup,
+    CredentialDirectory,
     CredentialLookup,
     Credentials,
     DigestAuthenticator,
     DigestPolicy,
+    NonceState,
     compute_ha1,
 )
 from pbx.sip.codec import (
@@ -27,9 +31,11 @@ from pbx.sip.codec import (
     make_response,
     parse,
 )
+from pbx.sip.dialog import Dialog, DialogId, DialogTable, new_tag
 from pbx.sip.endpoint import SIPEndpoint
 from pbx.sip.location import Binding, BindingPersistence, LocationService
 from pbx.sip.registrar import Registrar, RegistrarPolicy
+from pbx.sip.sdp import SDPError, SessionDescription
 from pbx.sip.transactions import (
     MAGIC_COOKIE,
     ClientTransaction,
@@ -48,31 +54,39 @@ __all__ = [
     "MAGIC_COOKIE",
     "MAX_MESSAGE_SIZE",
     "URI",
+    "AuthOutcome",
     "Binding",
     "BindingPersistence",
     "CSeq",
     "CachedCredentialLookup",
     "ClientTransaction",
     "ClientTransactionUser",
+    "CredentialDirectory",
     "CredentialLookup",
     "Credentials",
+    "Dialog",
+    "DialogId",
+    "DialogTable",
     "DigestAuthenticator",
     "DigestPolicy",
     "Headers",
     "LocationService",
     "MessageSender",
     "NameAddress",
+    "NonceState",
     "Peer",
     "Registrar",
     "RegistrarPolicy",
     "Request",
     "Response",
+    "SDPError",
     "SIPEndpoint",
     "SIPMessage",
     "SIPParseError",
     "SIPTransport",
     "SecurityPolicy",
     "ServerTransaction",
+    "SessionDescription",
     "SourceGuard",
     "StreamFramer",
     "TransactionManager",
@@ -83,5 +97,7 @@ __all__ = [
     "compute_ha1",
     "make_response",
     "new_branch",
+    "new_tag",
     "parse",
+    "sdp",
 ]

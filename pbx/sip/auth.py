@@ -45,8 +45,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from pbx.sip.errors import SIPParseError
 from pbx.sip.uri import URI
@@ -55,6 +57,7 @@ __all__ = [
     "DIGEST_ALGORITHMS",
     "AuthOutcome",
     "CachedCredentialLookup",
+    "CredentialDirectory",
     "CredentialLookup",
     "Credentials",
     "DigestAuthenticator",
@@ -215,6 +218,206 @@ class CachedCredentialLookup:
             self._cache.clear()
         else:
             self._cache.pop(username, None)
+
+
+class CredentialDirectory:
+    """Every extension's credentials held in memory, reloaded in full periodically.
+
+    Why: a per-user cache with a TTL (:class:`CachedCredentialLookup`) still sends a
+    query to the store for each user every TTL; under load those queries run on the
+    store's database thread, whose Python work competes with the reactor for the GIL.
+    The directory instead loads ALL extensions at :meth:`start` (``load_all``) and again
+    every ``refresh_interval`` seconds in one query, so authenticating a known user
+    never waits for the store.  The full reload is what makes changes made elsewhere
+    (``pbx extensions add/remove`` is a separate process) visible within
+    ``refresh_interval``, removals included: an extension missing from a reload is gone.
+
+    Between reloads:
+
+    * a user the directory does not know is looked up through ``lookup`` (one query,
+      shared by concurrent requests); an unknown answer is remembered for
+      ``negative_ttl`` seconds (a flood of invented names costs one query per name per
+      ``negative_ttl``, and at most ``max_negative`` names are remembered);
+    * :meth:`recheck` lets the registrar fetch a user once more before it reports a
+      wrong password, when the entry is older than ``recheck_after``: a password
+      changed a moment ago works at once.
+
+    Lookup errors are never cached; a failed reload keeps the previous data (logged).
+    """
+
+    MISS: Final = _MISS
+
+    def __init__(self, load_all: Callable[[], Deferred[list[Credentials]]],
+                 lookup: CredentialLookup, clock: IReactorTime, *,
+                 refresh_interval: float = 10.0, negative_ttl: float = 2.0,
+                 recheck_after: float = 2.0, max_negative: int = 100_000) -> None:
+        self.load_all = load_all
+        self.lookup = lookup
+        self.clock = clock
+        self.refresh_interval = refresh_interval
+        self.negative_ttl = negative_ttl
+        self.recheck_after = recheck_after
+        self.max_negative = max_negative
+        # username -> (when the value was read from the store, credentials)
+        self._entries: dict[str, tuple[float, Credentials]] = {}
+        self._negative: dict[str, float] = {}  # username -> expiry
+        self._pending: dict[str, list[Deferred[Credentials | None]]] = {}
+        self._refresher: LoopingCall | None = None
+        self._waiters: list[Deferred[int]] | None = None  # set while a reload runs
+        self.loaded_at: float | None = None
+        self.hits = 0
+        self.misses = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
+
+    # -- service ------------------------------------------------------------------------
+    def start(self) -> Deferred[int]:
+        """Load every extension, then reload every ``refresh_interval``; fires with the
+        number loaded (errbacks if the first load fails: start-up should then fail)."""
+        d = self.refresh()
+
+        def started(count: int) -> int:
+            if self._refresher is None:
+                self._refresher = LoopingCall(self._timed_refresh)
+                self._refresher.clock = self.clock
+                self._refresher.start(self.refresh_interval, now=False)
+            return count
+
+        return d.addCallback(started)
+
+    def stop(self) -> None:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
+
+    def _timed_refresh(self) -> None:
+        if self._waiters is None:  # a slow store: never stack reloads
+            self.refresh().addErrback(self._refresh_failed)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        log.warning("reloading credentials failed (keeping the previous ones): %s",
+                    failure.getErrorMessage())
+
+    def refresh(self) -> Deferred[int]:
+        """Reload every extension now; fires with how many there are.  While a reload
+        runs, callers wait for it instead of starting another."""
+        waiter: Deferred[int] = Deferred()
+        if self._waiters is not None:
+            self._waiters.append(waiter)
+            return waiter
+        self._waiters = [waiter]
+        began = self.clock.seconds()
+        maybeDeferred(self.load_all).addCallbacks(
+            lambda creds: self._loaded(began, creds), self._load_failed)
+        return waiter
+
+    def _loaded(self, began: float, creds: list[Credentials]) -> None:
+        entries = {c.username: (began, c) for c in creds}
+        # A user fetched singly after this reload began is newer than its answer.
+        for name, entry in self._entries.items():
+            if entry[0] > began:
+                entries[name] = entry
+        self._entries = entries
+        negative = self._negative
+        for name in [n for n in negative if n in entries]:
+            del negative[name]
+        self.loaded_at = began
+        self.refreshes += 1
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            waiter.callback(len(entries))
+
+    def _load_failed(self, failure: Failure) -> None:
+        self.refresh_failures += 1
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    # -- lookups --------------------------------------------------------------------------
+    def peek(self, username: str) -> Any:
+        """``Credentials``, ``None`` (known not to exist) or :attr:`MISS` (ask
+        :meth:`credentials`); never touches the store."""
+        entry = self._entries.get(username)
+        if entry is not None:
+            self.hits += 1
+            return entry[1]
+        expiry = self._negative.get(username)
+        if expiry is not None:
+            if expiry > self.clock.seconds():
+                self.hits += 1
+                return None
+            del self._negative[username]
+        return _MISS
+
+    def credentials(self, username: str) -> Deferred[Credentials | None]:
+        value = self.peek(username)
+        if value is not _MISS:
+            return succeed(value)
+        return self._fetch(username)
+
+    def recheck(self, username: str) -> Deferred[Credentials | None] | None:
+        """Fetch ``username`` from the store again when what the directory holds is
+        older than ``recheck_after`` seconds, else None (the answer stands).
+
+        The registrar calls this before rejecting a password (or a disabled
+        extension), so a change made a moment ago is honoured at once.
+        """
+        entry = self._entries.get(username)
+        if entry is not None:
+            if self.clock.seconds() - entry[0] < self.recheck_after:
+                return None
+        elif username in self._negative:
+            return None  # unknown a moment ago: the negative TTL already bounds it
+        return self._fetch(username)
+
+    def _fetch(self, username: str) -> Deferred[Credentials | None]:
+        self.misses += 1
+        d: Deferred[Credentials | None] = Deferred()
+        waiting = self._pending.get(username)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._pending[username] = [d]
+        began = self.clock.seconds()
+        try:
+            query = self.lookup.credentials(username)
+        except Exception:
+            self._fetched(username, began, None, Failure())
+            return d
+        query.addCallbacks(lambda value: self._fetched(username, began, value, None),
+                           lambda failure: self._fetched(username, began, None, failure))
+        return d
+
+    def _fetched(self, username: str, began: float, value: Credentials | None,
+                 failure: Failure | None) -> None:
+        waiting = self._pending.pop(username, [])
+        if failure is None:
+            if value is not None:
+                self._entries[username] = (began, value)
+                self._negative.pop(username, None)
+            else:
+                self._entries.pop(username, None)
+                if len(self._negative) >= self.max_negative:
+                    self._negative.clear()
+                self._negative[username] = self.clock.seconds() + self.negative_ttl
+        for d in waiting:
+            if failure is None:
+                d.callback(value)
+            else:
+                d.errback(failure)
+
+    def invalidate(self, username: str | None = None) -> None:
+        """Forget one user (or everyone) until the next lookup or reload."""
+        if username is None:
+            self._entries = {}
+            self._negative.clear()
+        else:
+            self._entries.pop(username, None)
+            self._negative.pop(username, None)
+
+    def __len__(self) -> int:
+        """Extensions held."""
+        return len(self._entries)
 
 
 # -- Authorization header parsing ----------------------------------------------------------

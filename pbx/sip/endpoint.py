@@ -66,10 +66,10 @@ class SIPEndpoint:
                 reason: str | None = None, extra: dict[str, str] | None = None) -> Response:
         """Build and send a response with our To-tag and server headers."""
         to_tag = None if status == 100 else secrets.token_hex(6)
-        response = make_response(request, status, reason, to_tag=to_tag)
-        response.headers.add("Server", self.user_agent)
-        for name, value in (extra or {}).items():
-            response.headers.add(name, value)
+        headers = [("Server", self.user_agent)]
+        if extra:
+            headers += extra.items()
+        response = make_response(request, status, reason, to_tag=to_tag, extra=headers)
         transaction.respond(response)
         return response
 

@@ -24,8 +24,10 @@ from pbx.sip.headers import (
     Headers,
     NameAddress,
     Via,
+    _check_value,
     canonical_name,
     is_token,
+    split_comma_list,
 )
 from pbx.sip.uri import URI
 
@@ -125,6 +127,40 @@ class SIPMessage:
         except KeyError:
             value = store[key] = build()
             return value
+
+    def _peek(self, key: str) -> Any:
+        """The cached view ``key`` if it is cached and current, else None (no parsing)."""
+        cache = self._cache
+        h = self.headers
+        if cache is None or cache[0] is not h or cache[1] != h._ver:
+            return None
+        return cache[2].get(key)
+
+    def replace_top_via(self, via: Via) -> None:
+        """Rewrite the top Via (a transport stamping ``received``/``rport``).
+
+        Only the first Via value changes: later values keep their text and position.
+        The other cached views stay valid and the new top Via is cached as given, so
+        the stamp costs no re-parse.  ``via`` is shared with the cache: do not edit it.
+        """
+        vias = self._cached("vias", lambda: [Via.parse(v) for v in self.headers.getall("Via")])
+        if not vias:
+            raise SIPParseError("Missing Via")
+        h = self.headers
+        cache = self._cache
+        assert cache is not None
+        items = h._items
+        for i, (name, value) in enumerate(items):
+            if name == "Via":
+                new = [("Via", str(via))]
+                if "," in value:  # several Vias on one line: keep the others as lines
+                    new += [("Via", v) for v in split_comma_list(value)[1:]]
+                items[i : i + 1] = new
+                break
+        h._ver += 1
+        store = cache[2]
+        store["vias"] = [via, *vias[1:]]
+        self._cache = (h, h._ver, store)
 
     def _required(self, name: str) -> str:
         value = self.headers.get(name)
@@ -451,11 +487,14 @@ def _partial_request(method: str, uri: URI | None, lines: list[str]) -> Request:
 
 
 def make_response(request: Request, status: int, reason: str | None = None, *,
-                  to_tag: str | None = None) -> Response:
+                  to_tag: str | None = None,
+                  extra: Iterable[tuple[str, str]] = ()) -> Response:
     """Build a response per RFC 3261 §8.2.6.
 
     Copies every Via line (in order), From, To, Call-ID and CSeq (and Timestamp for
-    a 100).  ``to_tag`` is added to To unless To already carries a tag.
+    a 100).  ``to_tag`` is added to To unless To already carries a tag.  ``extra``
+    header lines are appended (cheaper than adding them one by one afterwards, and the
+    response keeps the request's parsed Vias, which the transport needs to route it).
     """
     src = request.headers._items
     items: list[tuple[str, str]] = [it for it in src if it[0] == "Via"]
@@ -463,19 +502,31 @@ def make_response(request: Request, status: int, reason: str | None = None, *,
         for name, value in src:
             if name == wanted:
                 if name == "To" and to_tag:
-                    value = _with_tag(value, to_tag)
+                    value = _with_tag(request, value, to_tag)
                 items.append((name, value))
                 break
     if status == 100:
         items += [it for it in src if it[0] == "Timestamp"]
-    return Response(status, reason, Headers._from_canonical(items))
+    for name, value in extra:
+        items.append((canonical_name(name), _check_value(value)))
+    response = Response(status, reason, Headers._from_canonical(items))
+    vias = request._peek("vias")
+    if vias is not None:
+        # Same Via lines, so the same parsed values (shared, as the cache documents).
+        response._cache = (response.headers, 0, {"vias": vias})
+    return response
 
 
-def _with_tag(to_value: str, tag: str) -> str:
-    try:
-        if NameAddress.parse(to_value).tag is not None:
+def _with_tag(request: Request, to_value: str, tag: str) -> str:
+    to = request._peek("to")
+    if to is None:
+        if "tag" not in to_value.lower():
+            return f"{to_value};tag={tag}"  # no tag parameter can be there
+        try:
+            to = NameAddress.parse(to_value)
+        except SIPParseError:
             return to_value
-    except SIPParseError:
+    if to.tag is not None:
         return to_value
     return f"{to_value};tag={tag}"
 

@@ -50,8 +50,8 @@ from typing import Any
 
 from pbx.sip.abuse import SourceGuard, Verdict
 from pbx.sip.auth import (
+    _MISS,
     AuthOutcome,
-    CachedCredentialLookup,
     CredentialLookup,
     Credentials,
     DigestAuthenticator,
@@ -112,13 +112,14 @@ class RegistrarStats:
 class _Exchange:
     """One REGISTER being processed; guarantees the transaction gets one answer."""
 
-    __slots__ = ("answered", "peer", "request", "to", "transaction")
+    __slots__ = ("answered", "peer", "rechecked", "request", "to", "transaction")
 
     def __init__(self, request: Request, transaction: ServerTransaction, peer: Peer) -> None:
         self.request = request
         self.transaction = transaction
         self.peer = peer
         self.answered = False
+        self.rechecked = False  # credentials fetched again before a rejection
         self.to: NameAddress | None = None  # the parsed To, once known to be valid
 
 
@@ -167,8 +168,10 @@ class Registrar:
         self.wall_clock = wall_clock
         self.tag_factory = tag_factory or _random_tag
         self.stats = RegistrarStats()
-        self._peek = credentials.peek if isinstance(credentials,
-                                                    CachedCredentialLookup) else None
+        # Optional capabilities of the credential source (CachedCredentialLookup,
+        # CredentialDirectory): a synchronous peek, and a re-check before a rejection.
+        self._peek = getattr(credentials, "peek", None)
+        self._recheck = getattr(credentials, "recheck", None)
         self._local_cache: dict[str, bool] = {}
         self._date_second = -1
         self._date_text = ""
@@ -204,19 +207,11 @@ class Registrar:
         if ex.answered:
             return
         ex.answered = True
-        request = ex.request
-        to = ex.to
-        if to is not None and to.tag is None:
-            # Cheaper than make_response(to_tag=...), which parses To once more.
-            response = make_response(request, status, reason)
-            response.headers.set("To", f"{request.headers.get('To')};tag={self.tag_factory()}")
-        else:
-            response = make_response(request, status, reason, to_tag=self.tag_factory())
-        add = response.headers.add
-        for name, value in headers:
-            add(name, value)
-        add("Server", self.user_agent)
-        ex.transaction.respond(response)
+        extra = list(headers)
+        extra.append(("Server", self.user_agent))
+        # make_response reuses the To parsed during admission to check for a tag.
+        ex.transaction.respond(make_response(ex.request, status, reason,
+                                             to_tag=self.tag_factory(), extra=extra))
 
     def _challenge(self, ex: _Exchange, *, stale: bool = False) -> None:
         self._reply(ex, 401, None, self.authenticator.challenge(ex.peer.host, stale=stale))
@@ -300,12 +295,28 @@ class Registrar:
             return
         if self._peek is not None:
             cached = self._peek(digest.username)
-            if cached is not CachedCredentialLookup.MISS:
+            if cached is not _MISS:
                 self._authenticated(ex, digest, cached, aor)
                 return
         d = self.credentials.credentials(digest.username)
         d.addCallback(lambda creds: self._authenticated(ex, digest, creds, aor))
         d.addErrback(self._lookup_failed, ex)
+
+    def _recheck_then(self, ex: _Exchange, digest: DigestResponse, aor: str) -> bool:
+        """Before rejecting a password, ask the source for fresher credentials when it
+        can (the password was changed a moment ago); True if it will call back with
+        them and the request is verified once more.  (A failed verification records
+        no nonce-count, so verifying again is sound; a disabled extension is not
+        re-checked: its nonce-count is already spent, and the next reload enables it.)"""
+        if self._recheck is None or ex.rechecked:
+            return False
+        d = self._recheck(digest.username)
+        if d is None:
+            return False
+        ex.rechecked = True
+        d.addCallback(lambda creds: self._authenticated(ex, digest, creds, aor))
+        d.addErrback(self._lookup_failed, ex)
+        return True
 
     def _lookup_failed(self, failure: Any, ex: _Exchange) -> None:
         log.error("REGISTER from %s:%s: credential lookup failed: %s", ex.peer.host,
@@ -329,6 +340,8 @@ class Registrar:
         host = ex.peer.host
         outcome = self.authenticator.verify(digest, request.method, request.uri, creds, host)
         if outcome is not AuthOutcome.OK:
+            if outcome is AuthOutcome.FAILED and self._recheck_then(ex, digest, aor):
+                return
             if outcome is AuthOutcome.FAILED:
                 self.stats.auth_failures += 1
                 if self.guard is not None:

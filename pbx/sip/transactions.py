@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pbx.sip.errors import SIPParseError
 from pbx.sip.headers import Headers
-from pbx.sip.message import Request, Response, make_response
+from pbx.sip.message import Request, Response, make_response, parse
 from pbx.statechart_timers import TimedChartModel
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "NonInviteClientTransaction",
     "NonInviteServerTransaction",
     "Peer",
+    "SentResponse",
     "ServerTransaction",
     "Transaction",
     "TransactionManager",
@@ -77,12 +78,33 @@ class TransportError(Exception):
     """Raised by a :class:`MessageSender` that could not send (§17.1.4, §17.2.4)."""
 
 
+@dataclass(frozen=True, slots=True)
+class SentResponse:
+    """A response as a transport sent it: the bytes and where they went.
+
+    A transport that returns these from ``send_response`` also offers
+    ``resend_response(sent)``; a completed non-INVITE server transaction then keeps
+    only this to answer retransmissions (see
+    :meth:`NonInviteServerTransaction._retain_for_absorption`).
+    """
+
+    data: bytes
+    peer: Peer          # the peer of the transaction (its connection, if reliable)
+    destination: Peer   # where the response went without a connection (§18.2.2)
+    status: int
+
+
 class MessageSender(Protocol):
-    """The transport layer, as the transactions see it."""
+    """The transport layer, as the transactions see it.
+
+    ``send_response`` may return a :class:`SentResponse` (anything else, e.g. None, is
+    ignored); a sender that does must also provide ``resend_response(sent)``, which
+    sends the same bytes again and raises :class:`TransportError` like the others.
+    """
 
     def send_request(self, request: Request, peer: Peer) -> None: ...
 
-    def send_response(self, response: Response, peer: Peer) -> None: ...
+    def send_response(self, response: Response, peer: Peer) -> SentResponse | None: ...
 
 
 class TransactionUser(Protocol):
@@ -293,6 +315,28 @@ class ServerTransaction(Transaction):
 
     _final_triggers: ClassVar[tuple[str, str]]  # (2xx trigger, 3xx-6xx trigger)
 
+    def __init__(self, manager: TransactionManager, request: Request, peer: Peer,
+                 key: Hashable) -> None:
+        self._sent: SentResponse | None = None
+        super().__init__(manager, request, peer, key)
+
+    @property
+    def last_response(self) -> Response | None:  # type: ignore[override]
+        """The last response sent (rebuilt from its bytes once only those are kept)."""
+        response = self._last_response
+        if response is None and self._sent is not None:
+            try:
+                parsed = parse(self._sent.data)
+            except SIPParseError:
+                return None
+            return parsed if isinstance(parsed, Response) else None
+        return response
+
+    @last_response.setter
+    def last_response(self, response: Response | None) -> None:
+        self._last_response = response
+        self._sent = None
+
     def start(self) -> None:
         """Arm the initial state's timers (the IST's automatic 100 Trying)."""
         self.start_timers()
@@ -316,10 +360,13 @@ class ServerTransaction(Transaction):
         if self.state == TERMINATED:  # never reached by the charts; kept as a guarantee
             return
         try:
-            self.manager.sender.send_response(response, self.peer)
+            sent = self.manager.sender.send_response(response, self.peer)
         except TransportError as exc:
             log.debug("%r: transport error: %s", self, exc)
             self.fire("transport_error")
+            return
+        if self._last_response is response and isinstance(sent, SentResponse):
+            self._sent = sent
 
     # Callbacks named by the charts.
     def send_response(self, response: Response) -> None:
@@ -327,9 +374,17 @@ class ServerTransaction(Transaction):
         self._send_response(response)
 
     def resend_response(self, *_: Any) -> None:
-        if self.last_response is not None:
+        response = self._last_response
+        if response is not None:
             self._count_retransmission()
-            self._send_response(self.last_response)
+            self._send_response(response)
+        elif self._sent is not None and self.state != TERMINATED:
+            self._count_retransmission()
+            try:
+                self.manager.sender.resend_response(self._sent)  # type: ignore[attr-defined]
+            except TransportError as exc:
+                log.debug("%r: transport error: %s", self, exc)
+                self.fire("transport_error")
 
     def _tell(self, method: str) -> None:
         callback = getattr(self.manager.tu, method, None)
@@ -367,6 +422,32 @@ class NonInviteServerTransaction(ServerTransaction):
     chart_name = "nist"
     kind = "nist"
     _final_triggers = ("tu_final", "tu_final")
+
+    def state_changed(self, previous: str) -> None:
+        if self.state == "completed":
+            self._retain_for_absorption()
+        super().state_changed(previous)
+
+    def _retain_for_absorption(self) -> None:
+        """Completed lasts Timer J (32 s over UDP) only to answer retransmissions with
+        the final response, so keep just that.  Tens of thousands of completed
+        transactions are alive at a few thousand requests per second: what each one
+        holds is what the memory and the garbage collector pay for.
+
+        The request (and every view parsed from it) is released: ``request`` becomes
+        None.  When the transport returned the response's bytes (a
+        :class:`SentResponse`, which ``resend_response`` repeats) only those are kept
+        and ``last_response`` is rebuilt from them on demand; otherwise the response
+        object stays, without its parsed views.
+        """
+        self.request = None  # type: ignore[assignment]
+        response = self._last_response
+        if response is None:
+            return
+        if self._sent is not None and hasattr(self.manager.sender, "resend_response"):
+            self._last_response = None
+        else:
+            response._cache = None
 
 
 def build_ack_for_failure(invite: Request, response: Response) -> Request:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from pbx.sip.abuse import SourceGuard, Verdict
 from pbx.sip.errors import SIPParseError
 from pbx.sip.headers import Via
 from pbx.sip.message import Request, Response, StreamFramer, make_response, parse
-from pbx.sip.transactions import Peer, TransportError
+from pbx.sip.transactions import Peer, SentResponse, TransportError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+_STATUS_KEYS = {status: str(status) for status in range(100, 700)}
 
 
 class MessageHandler(TypingProtocol):
@@ -58,21 +60,22 @@ class TransportStats:
 
 
 def stamp_via(request: Request, peer: Peer) -> None:
-    """RFC 3261 §18.2.1 and RFC 3581: record where the request really came from."""
+    """RFC 3261 §18.2.1 and RFC 3581: record where the request really came from.
+
+    The top Via is parsed once (and stays cached for the transaction layer); the header
+    line is rewritten only when a parameter has to be added or filled in.
+    """
     top = request.top_via
-    params = dict(top.params)
-    if top.host != peer.host:
-        params["received"] = peer.host
-    if "rport" in params and not params["rport"]:
-        params["rport"] = str(peer.port)
-        params["received"] = peer.host
-    if params == top.params:
+    params = top.params
+    host = peer.host
+    fill_rport = "rport" in params and not params["rport"]
+    if not fill_rport and (top.host == host or params.get("received") == host):
         return
-    stamped = Via(top.protocol, top.transport, top.host, top.port, params)
-    rest = request.headers.getall("Via")[1:]
-    request.headers.set("Via", str(stamped))
-    for value in rest:
-        request.headers.add("Via", value)
+    stamped = dict(params)
+    stamped["received"] = host  # the host differs, or rport asks for it regardless
+    if fill_rport:
+        stamped["rport"] = str(peer.port)
+    request.replace_top_via(Via(top.protocol, top.transport, top.host, top.port, stamped))
 
 
 def response_destination(response: Response, fallback: Peer) -> Peer:
@@ -84,7 +87,10 @@ def response_destination(response: Response, fallback: Peer) -> Peer:
     transport = via.transport.lower()
     host = via.params.get("received") or via.host
     if transport == "udp" and via.rport is not None:
-        return Peer("udp", host, via.rport)
+        port = via.rport
+        if fallback.port == port and fallback.host == host and fallback.transport == "udp":
+            return fallback  # the usual case: answer where the request came from
+        return Peer("udp", host, port)
     port = via.port or DEFAULT_PORTS.get(transport, 5060)
     return Peer(transport if transport in DEFAULT_PORTS else fallback.transport, host, port)
 
@@ -93,8 +99,12 @@ class SIPTransport:
     """Owns the sockets of one SIP listener and routes messages in and out."""
 
     def __init__(self, reactor: IReactorTCP | IReactorUDP, *,
-                 max_message_size: int = 65535, guard: SourceGuard | None = None) -> None:
+                 max_message_size: int = 65535, guard: SourceGuard | None = None,
+                 udp_receive_buffer: int = 4 << 20) -> None:
+        """``udp_receive_buffer``: SO_RCVBUF asked for the UDP socket (the kernel caps
+        it at net.core.rmem_max): requests queue there while the reactor is busy."""
         self.reactor = reactor
+        self.udp_receive_buffer = udp_receive_buffer
         self.max_message_size = max_message_size
         self.guard = guard
         self.handler: MessageHandler | None = None
@@ -114,6 +124,7 @@ class SIPTransport:
         for attempt in range(attempts):
             udp = SIPDatagramProtocol(self)
             udp_port = self.reactor.listenUDP(port, udp, interface=host)
+            _enlarge_receive_buffer(udp_port, self.udp_receive_buffer)
             bound = udp_port.getHost().port
             try:
                 tcp_port = self.reactor.listenTCP(bound, SIPStreamFactory(self),
@@ -212,16 +223,31 @@ class SIPTransport:
         self._send(request.to_bytes(), peer)
         self.stats.sent[request.method] += 1
 
-    def send_response(self, response: Response, peer: Peer) -> None:
+    def send_response(self, response: Response, peer: Peer) -> SentResponse:
+        """Send over the request's connection, else per §18.2.2; returns what was sent
+        so that a transaction can repeat it with :meth:`resend_response`."""
         data = response.to_bytes()
-        if peer.reliable:
-            conn = self._connections.get((peer.transport, peer.host, peer.port))
-            if conn is not None and conn.transport is not None:
-                conn.transport.write(data)
-                self.stats.sent[str(response.status)] += 1
-                return
-        self._send(data, response_destination(response, peer))
-        self.stats.sent[str(response.status)] += 1
+        status = response.status
+        destination = peer
+        if not (peer.reliable and self._write_connection(data, peer)):
+            destination = response_destination(response, peer)
+            self._send(data, destination)
+        self.stats.sent[_STATUS_KEYS.get(status) or str(status)] += 1
+        return SentResponse(data, peer, destination, status)
+
+    def resend_response(self, sent: SentResponse) -> None:
+        """Send a response's bytes again (a server transaction absorbing a request
+        retransmission)."""
+        if not (sent.peer.reliable and self._write_connection(sent.data, sent.peer)):
+            self._send(sent.data, sent.destination)
+        self.stats.sent[_STATUS_KEYS.get(sent.status) or str(sent.status)] += 1
+
+    def _write_connection(self, data: bytes, peer: Peer) -> bool:
+        conn = self._connections.get((peer.transport, peer.host, peer.port))
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(data)
+            return True
+        return False
 
     def _send(self, data: bytes, peer: Peer) -> None:
         if peer.transport == "udp":
@@ -256,6 +282,18 @@ class SIPTransport:
     @property
     def open_connections(self) -> int:
         return len(self._connections)
+
+
+def _enlarge_receive_buffer(port: IListeningPort, size: int) -> None:
+    """Best effort: a few thousand datagrams of room instead of the default ~200 KB, so
+    a burst (or a pause of the reactor) is queued rather than dropped, and answered
+    before the peer retransmits."""
+    sock = getattr(port, "socket", None)
+    if sock is None or size <= 0:
+        return
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _peer_of(transport: str, address: IAddress) -> Peer:

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from pbx.sip.auth import (
     AuthOutcome,
     CachedCredentialLookup,
+    CredentialDirectory,
     Credentials,
     DigestAuthenticator,
     DigestPolicy,
@@ -507,3 +508,145 @@ def test_cache_invalidate_and_bound() -> None:
     for i in range(100):
         result_of(cache.credentials(f"u{i}"))
     assert len(cache) <= 10
+
+
+# -- CredentialDirectory -------------------------------------------------------------------
+
+
+class Directory:
+    """A store as the directory sees it: a full listing and single lookups."""
+
+    def __init__(self, users: dict[str, Credentials]) -> None:
+        self.users = dict(users)
+        self.loads = 0
+        self.single: list[str] = []
+        self.fail_load: Exception | None = None
+        self.defer_load = False
+        self.pending_loads: list[Deferred[list[Credentials]]] = []
+
+    def load_all(self) -> Deferred[list[Credentials]]:
+        self.loads += 1
+        if self.fail_load is not None:
+            return fail(self.fail_load)
+        if self.defer_load:
+            d: Deferred[list[Credentials]] = Deferred()
+            self.pending_loads.append(d)
+            return d
+        return succeed(list(self.users.values()))
+
+    def credentials(self, username: str) -> Deferred[Credentials | None]:
+        self.single.append(username)
+        return succeed(self.users.get(username))
+
+
+BOB = credentials_from_password("1002", REALM, "bobs-password")
+
+
+def started_directory(store: Directory, clock: Clock, **kwargs: float) -> CredentialDirectory:
+    directory = CredentialDirectory(store.load_all, store, clock, **kwargs)  # type: ignore[arg-type]
+    assert result_of(directory.start()) == len(store.users)  # type: ignore[arg-type]
+    return directory
+
+
+def test_directory_serves_every_extension_without_queries() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE, "1002": BOB})
+    directory = started_directory(store, clock)
+    assert directory.peek("1001") is ALICE
+    assert result_of(directory.credentials("1002")) is BOB
+    assert store.single == [] and store.loads == 1
+    assert len(directory) == 2
+
+
+def test_directory_reload_picks_up_additions_changes_and_removals() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE, "1002": BOB})
+    directory = started_directory(store, clock, refresh_interval=10.0)
+    changed = credentials_from_password("1001", REALM, "new-password")
+    store.users["1001"] = changed
+    del store.users["1002"]
+    store.users["1003"] = credentials_from_password("1003", REALM, "x")
+    clock.advance(9.9)
+    assert directory.peek("1001") is ALICE
+    clock.advance(0.1)
+    assert store.loads == 2
+    assert directory.peek("1001") is changed
+    assert directory.peek("1002") is CredentialDirectory.MISS
+    assert directory.peek("1003") is not CredentialDirectory.MISS
+
+
+def test_directory_looks_up_a_new_extension_and_remembers_unknown_ones_briefly() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE})
+    directory = started_directory(store, clock, negative_ttl=2.0)
+    assert directory.peek("1002") is CredentialDirectory.MISS
+    assert result_of(directory.credentials("9999")) is None
+    assert directory.peek("9999") is None
+    store.users["1002"] = BOB
+    assert result_of(directory.credentials("1002")) is BOB  # created since the load
+    assert directory.peek("1002") is BOB
+    assert store.single == ["9999", "1002"]
+    store.users["9999"] = credentials_from_password("9999", REALM, "x")
+    assert directory.peek("9999") is None
+    clock.advance(2.1)
+    assert directory.peek("9999") is CredentialDirectory.MISS
+
+
+def test_directory_rechecks_an_entry_older_than_recheck_after() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE})
+    directory = started_directory(store, clock, recheck_after=2.0)
+    clock.advance(1.0)
+    assert directory.recheck("1001") is None  # fresh: the rejection stands
+    clock.advance(1.5)
+    changed = credentials_from_password("1001", REALM, "new-password")
+    store.users["1001"] = changed
+    d = directory.recheck("1001")
+    assert d is not None and result_of(d) is changed
+    assert directory.peek("1001") is changed
+    assert directory.recheck("1001") is None  # just fetched
+
+
+def test_directory_keeps_data_when_a_reload_fails_and_never_caches_errors() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE})
+    directory = started_directory(store, clock, refresh_interval=10.0)
+    store.fail_load = RuntimeError("database down")
+    clock.advance(10.0)
+    assert directory.refresh_failures == 1
+    assert directory.peek("1001") is ALICE
+    store.fail_load = None
+    clock.advance(10.0)
+    assert directory.refreshes == 2
+
+
+def test_directory_first_load_failure_fails_start() -> None:
+    store = Directory({})
+    store.fail_load = RuntimeError("no database")
+    directory = CredentialDirectory(store.load_all, store, Clock())  # type: ignore[arg-type]
+    failure = result_of(directory.start())  # type: ignore[arg-type]
+    assert failure.check(RuntimeError)  # type: ignore[attr-defined]
+
+
+def test_directory_single_fetch_newer_than_a_running_reload_wins() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE})
+    directory = started_directory(store, clock)
+    store.defer_load = True
+    clock.advance(10.0)  # reload starts, answers later with the old password
+    stale_listing = [ALICE]
+    clock.advance(3.0)
+    changed = credentials_from_password("1001", REALM, "new-password")
+    store.users["1001"] = changed
+    assert result_of(directory.recheck("1001")) is changed  # type: ignore[arg-type]
+    store.pending_loads[0].callback(stale_listing)
+    assert directory.peek("1001") is changed
+
+
+def test_directory_stop_ends_reloads() -> None:
+    clock = Clock()
+    store = Directory({"1001": ALICE})
+    directory = started_directory(store, clock)
+    directory.stop()
+    clock.advance(60.0)
+    assert store.loads == 1 and not clock.calls

@@ -560,3 +560,45 @@ def test_framer_oversize_headers_and_body() -> None:
     with pytest.raises(SIPParseError, match="Message too large"):
         # Known to be too large as soon as the header block (with Content-Length) is complete.
         StreamFramer(max_size=len(invite()) - 1).feed(invite()[: -len(SDP)])
+
+
+def test_replace_top_via_keeps_other_vias_and_cached_views() -> None:
+    from pbx.sip.headers import Via
+
+    message = parse(
+        b"OPTIONS sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP a.example.com;branch=z9hG4bK1, SIP/2.0/TCP b.example.com\r\n"
+        b"Via: SIP/2.0/UDP c.example.com;branch=z9hG4bK3\r\n"
+        b"To: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=1\r\n"
+        b"Call-ID: x\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    to = message.to
+    top = message.top_via
+    stamped = Via(top.protocol, top.transport, top.host, top.port,
+                  {**top.params, "received": "192.0.2.1"})
+    message.replace_top_via(stamped)
+    assert message.top_via is stamped
+    assert message.to is to  # other views stay cached
+    assert message.headers.getall("Via") == [
+        "SIP/2.0/UDP a.example.com;branch=z9hG4bK1;received=192.0.2.1",
+        "SIP/2.0/TCP b.example.com", "SIP/2.0/UDP c.example.com;branch=z9hG4bK3"]
+    assert [v.host for v in parse(message.to_bytes()).vias] == [
+        "a.example.com", "b.example.com", "c.example.com"]
+
+
+def test_make_response_extra_headers_and_to_tag_without_reparsing() -> None:
+    message = parse(
+        b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP a.example.com;branch=z9hG4bK1\r\n"
+        b"To: <sip:bob@example.com;tag=uri-param-not-a-to-tag>\r\n"
+        b"From: <sip:bob@example.com>;tag=1\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\n\r\n")
+    assert isinstance(message, Request)
+    top = message.top_via  # parsed once: the response shares it
+    response = make_response(message, 200, to_tag="srv",
+                             extra=[("server", "PBX"), ("Contact", "<sip:bob@192.0.2.1>")])
+    assert response.headers.get("To") == "<sip:bob@example.com;tag=uri-param-not-a-to-tag>;tag=srv"
+    assert response.headers.items()[-2:] == [("Server", "PBX"), ("Contact", "<sip:bob@192.0.2.1>")]
+    assert response.top_via is top
+    tagged = make_response(parse(message.to_bytes().replace(b"tag=uri", b"x=uri").replace(
+        b">\r\nFrom", b">;tag=abc\r\nFrom")), 200, to_tag="srv")  # type: ignore[arg-type]
+    assert tagged.to.tag == "abc"
+    with pytest.raises(ValueError):
+        make_response(message, 200, extra=[("X-Bad", "a\r\nInjected: yes")])

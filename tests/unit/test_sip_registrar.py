@@ -14,6 +14,7 @@ from pbx.config.security import RegistrarSettings
 from pbx.sip.abuse import BruteForcePolicy, RateLimitPolicy, SecurityPolicy, SourceGuard
 from pbx.sip.auth import (
     CachedCredentialLookup,
+    CredentialDirectory,
     Credentials,
     DigestAuthenticator,
     DigestPolicy,
@@ -605,3 +606,43 @@ def test_policy_from_config_settings() -> None:
     settings = RegistrarSettings(min_expires=30, max_expires=7200, default_expires=600,
                                  max_contacts=5, sweep_interval=2)
     assert RegistrarPolicy.from_settings(settings) == RegistrarPolicy(30, 7200, 600, 5, 2.0)
+
+
+def directory_setup() -> tuple[Setup, CredentialDirectory]:
+    s = Setup()
+    directory = CredentialDirectory(lambda: succeed(list(s.extensions.users.values())),
+                                    s.extensions, s.clock, recheck_after=2.0)
+    directory.start()
+    s.registrar = Registrar(
+        location=s.location, authenticator=s.auth, credentials=directory,
+        domains=[DOMAIN], guard=s.guard, node="node-a", wall_clock=s.wall,
+        tag_factory=lambda: "totag")
+    return s, directory
+
+
+def test_password_changed_a_moment_ago_works_at_once_with_the_directory() -> None:
+    s, directory = directory_setup()
+    s.clock.advance(3.0)  # the directory's copy is older than recheck_after
+    s.extensions.users["1001"] = credentials_from_password("1001", DOMAIN, "changed")
+    ok = s.register(register("1001"), password="changed")
+    assert ok.status == 200
+    assert s.registrar.stats.auth_failures == 0
+    assert directory.peek("1001") is s.extensions.users["1001"]
+
+
+def test_wrong_password_with_the_directory_fails_after_one_recheck() -> None:
+    s, _ = directory_setup()
+    s.clock.advance(3.0)
+    assert s.register(register("1001"), password="wrong").status == 401
+    assert s.registrar.stats.auth_failures == 1
+    # fetched again just now: the next wrong password is rejected without a query
+    s.extensions.error = RuntimeError("must not be asked")
+    assert s.register(register("1001", call_id="c2"), password="wrong").status == 401
+    assert s.registrar.stats.auth_failures == 2
+
+
+def test_unknown_user_with_the_directory_is_looked_up_then_remembered() -> None:
+    s, directory = directory_setup()
+    assert s.register(register("4242")).status == 401
+    assert directory.peek("4242") is None
+    assert s.registrar.stats.auth_failures == 1

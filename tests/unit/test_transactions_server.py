@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -11,7 +13,9 @@ from pbx.sip.transactions import (
     InviteServerTransaction,
     NonInviteServerTransaction,
     Peer,
+    SentResponse,
     ServerTransaction,
+    TransportError,
 )
 from tests.unit.test_transactions_support import (
     TCP,
@@ -404,3 +408,111 @@ def test_counts_track_server_states() -> None:
     assert counts["ist"]["proceeding"] == 1
     assert counts["nist"]["proceeding"] == 1
     assert mgr.stats.created == {"ist": 1, "nist": 1}
+
+
+# -- what a completed NIST keeps -------------------------------------------------------
+
+
+class WireSender:
+    """A transport that, like SIPTransport, returns what it sent and can repeat it."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.sent: list[tuple[float, bytes, Peer]] = []
+        self.fail = False
+
+    def send_request(self, request: Any, peer: Peer) -> None:
+        self.sent.append((self.clock.seconds(), request.to_bytes(), peer))
+
+    def send_response(self, response: Any, peer: Peer) -> SentResponse:
+        data = response.to_bytes()
+        self.resend_response(SentResponse(data, peer, peer, response.status))
+        return SentResponse(data, peer, peer, response.status)
+
+    def resend_response(self, sent: SentResponse) -> None:
+        if self.fail:
+            raise TransportError("unreachable")
+        self.sent.append((self.clock.seconds(), sent.data, sent.destination))
+
+
+def test_completed_nist_keeps_only_the_final_response_bytes() -> None:
+    clock, _, tu, mgr = setup()
+    sender = WireSender(clock)
+    mgr.sender = sender
+    request = make_request("REGISTER")
+    mgr.handle_request(request, UDP)
+    txn = server_txn(tu)
+    final = reply(request, 200)
+    txn.respond(final)
+    assert txn.state == "completed"
+    assert txn.request is None
+    assert txn._last_response is None  # type: ignore[attr-defined]
+    assert txn.last_response == final  # rebuilt from the bytes on demand
+    mgr.handle_request(request, UDP)  # a retransmission gets the same bytes
+    assert [data for _, data, _ in sender.sent] == [final.to_bytes()] * 2
+    assert mgr.stats.retransmissions_sent["nist"] == 1
+    sender.fail = True
+    mgr.handle_request(request, UDP)
+    assert txn.state == "terminated"
+    assert tu.kinds() == ["request", "transport_error"]
+    assert not clock.calls
+
+
+def test_completed_nist_with_a_plain_sender_keeps_the_response_object() -> None:
+    _, sender, tu, mgr = setup()
+    request = make_request("REGISTER")
+    mgr.handle_request(request, UDP)
+    txn = server_txn(tu)
+    final = reply(request, 401)
+    txn.respond(final)
+    assert txn.request is None
+    assert txn.last_response is final
+    mgr.handle_request(request, UDP)
+    assert sender.labels() == [401, 401]
+
+
+def test_ended_transactions_are_freed_by_reference_counting() -> None:
+    """No reference cycle may keep an ended transaction (with its messages) for the
+    cyclic garbage collector: the timers' bookkeeping once did."""
+    clock, _, tu, mgr = setup()
+    mgr.sender = WireSender(clock)
+    refs = []
+    gc.disable()
+    try:
+        for i in range(3):
+            request = make_request("REGISTER", call_id=f"c{i}")
+            mgr.handle_request(request, UDP)
+            server_txn(tu).respond(reply(request, 200))
+            refs.append(weakref.ref(server_txn(tu)))
+        invite = make_request("INVITE")
+        mgr.handle_request(invite, UDP)
+        server_txn(tu).respond(reply(invite, 486))
+        refs.append(weakref.ref(server_txn(tu)))
+        mgr.handle_request(ack_for(invite, reply(invite, 486)), UDP)
+        tu.requests.clear()
+        tu.events.clear()
+        advance_to(clock, 100.0)
+        assert mgr.transactions() == []
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+    assert not clock.calls
+
+
+def test_timers_of_one_delay_share_one_reactor_call_and_fire_in_order() -> None:
+    clock, _, tu, mgr = setup()
+    txns = []
+    for i in range(5):
+        request = make_request("OPTIONS", call_id=f"c{i}")
+        mgr.handle_request(request, UDP)
+        server_txn(tu).respond(reply(request, 200))
+        txns.append(server_txn(tu))
+        advance_to(clock, clock.seconds() + 1.0)
+    assert len(clock.calls) == 1  # five Timer Js, one reactor call
+    advance_to(clock, 32.0)  # the first was armed at t=0
+    assert [t.state for t in txns] == ["terminated"] + ["completed"] * 4
+    advance_to(clock, 34.99)
+    assert [t.state for t in txns] == ["terminated"] * 3 + ["completed"] * 2
+    advance_to(clock, 36.0)
+    assert all(t.state == "terminated" for t in txns)
+    assert not clock.calls

@@ -1,0 +1,439 @@
+"""The B2BUA: the SIP endpoint's INVITE, ACK, BYE, CANCEL, INFO and OPTIONS handlers.
+
+Theory of operation
+-------------------
+A new INVITE (no To tag) walks these steps and stops at the first answer:
+
+1. **Draining**: while the endpoint is not ready, 503 + Retry-After (in-dialog requests
+   keep working, so calls that are up finish normally).
+2. **Hops**: Max-Forwards 0 gets 483; an INVITE that already went through this PBX (our
+   Via branch prefix or our loop header) gets 482.
+3. **Authentication**: no call without digest credentials: 407 + Proxy-Authenticate with
+   the registrar's realm and credentials.  Unknown users and wrong passwords get the same
+   challenge after the same work (no enumeration); failures are recorded with the
+   :class:`~pbx.sip.SourceGuard` like the registrar does.  The caller must call as the
+   extension it authenticated as (From user), else 403.
+4. **Admission**: ``max_calls`` calls up → 503 (a CONGESTION CDR).
+5. **The call** (:class:`~pbx.calls.call.Call`): 100 Trying, routing, media, forks.
+
+In-dialog requests find their leg through the :class:`~pbx.sip.DialogTable`; unknown
+dialogs get 481, out-of-order CSeqs 500.  BYE is answered 200 and the other leg gets BYE;
+re-INVITE (hold/resume) and INFO/OPTIONS are relayed to the other leg with SDP
+rewritten by the media session; a re-INVITE while another is pending gets 491 (glare).
+
+Only the standard library, Twisted and ``pbx.sip`` are used: the store, media and
+configuration come in as plain arguments and Protocols (see ``pbx.calls.wiring``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+
+from pbx.calls.call import Call, CallerLeg, Leg, _Client
+from pbx.calls.cdr import CONGESTION, CDRSink, CDRWriter
+from pbx.calls.routing import Dialplan, ExtensionDirectory, Locator, check_hops
+from pbx.sip import (
+    MAGIC_COOKIE,
+    AuthOutcome,
+    ClientTransaction,
+    DialogTable,
+    DigestAuthenticator,
+    NonceState,
+    Peer,
+    Request,
+    Response,
+    ServerTransaction,
+    SIPEndpoint,
+    SIPParseError,
+    TransactionManager,
+    make_response,
+    new_tag,
+)
+
+__all__ = ["B2BUA", "MediaFactory"]
+
+log = logging.getLogger(__name__)
+
+MediaFactory = Callable[[Callable[[Any], None]], Any]
+"""``factory(on_timeout) -> MediaSession``: start(), offer_from_a(), answer_from_b(),
+reoffer(side, sdp), reanswer(side, sdp), close(), summary(), state."""
+
+_RELAYED_HEADERS = ("Content-Type", "Info-Package", "Event", "Content-Disposition")
+_PENDING = object()
+
+
+class B2BUA:
+    """Calls between registered extensions, through our own two user agents."""
+
+    def __init__(self, reactor: IReactorTime, transactions: TransactionManager,
+                 endpoint: SIPEndpoint, location: Locator,
+                 authenticator: DigestAuthenticator, credentials: ExtensionDirectory,
+                 media_factory: MediaFactory, cdr_sink: CDRSink | None, *,
+                 dialplan: str = r"^[0-9]{2,15}$", ring_timeout: float = 30.0,
+                 max_calls: int = 100, local_host: str = "127.0.0.1",
+                 local_port: int = 5060, user_agent: str = "PBX", node: str = "pbx",
+                 domain: str | None = None, guard: Any = None,
+                 retry_after: int | None = None,
+                 wall: Callable[[], float] | None = None) -> None:
+        self.clock = reactor
+        self.transactions = transactions
+        self.endpoint = endpoint
+        self.location = location
+        self.authenticator = authenticator
+        self.credentials = credentials
+        self.media_factory = media_factory
+        self.cdr = CDRWriter(cdr_sink, node=node, **({"wall": wall} if wall else {}))
+        self.dialplan = Dialplan(dialplan, location, credentials)
+        self.ring_timeout = ring_timeout
+        self.max_calls = max_calls
+        self.local_host = local_host
+        self.local_port = local_port
+        self.user_agent = user_agent
+        self.node = node
+        self.domain = domain or local_host
+        self.guard = guard
+        self.retry_after = retry_after if retry_after is not None else endpoint.retry_after
+        self.branch_prefix = f"{MAGIC_COOKIE}pbx{secrets.token_hex(3)}"
+        self.allow = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
+        self.dialogs: DialogTable[Leg] = DialogTable()
+        self.calls: dict[str, Call] = {}
+        self._invites: dict[ServerTransaction, Any] = {}
+        self.call_ended_hooks: list[Callable[[Call], None]] = []
+        self.answered_calls = 0
+        self.total_calls = 0
+        self.challenges = 0
+        self.auth_failures = 0
+
+    # -- wiring ---------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the handlers on the endpoint (OPTIONS outside dialogs stays its own)."""
+        handlers = self.endpoint.handlers
+        self._options_fallback = handlers.get("OPTIONS")
+        handlers["INVITE"] = self.handle_invite
+        handlers["BYE"] = self.handle_in_dialog
+        handlers["INFO"] = self.handle_in_dialog
+        handlers["CANCEL"] = self.handle_cancel
+        handlers["OPTIONS"] = self.handle_options
+        self.endpoint.ack_handler = self.handle_ack
+
+    @property
+    def active_calls(self) -> int:
+        """Calls not yet in a final state (what a drain waits for)."""
+        return len(self.calls)
+
+    def list_calls(self) -> list[dict[str, Any]]:
+        return [call.summary() for call in self.calls.values()]
+
+    def hangup(self, call_id: str, reason: str = "Hangup") -> bool:
+        """End one call (ops API): BYE with a Reason header (RFC 3326), or CANCEL/503 while
+        it is still being set up.  False when there is no such call."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        text = reason.replace('"', "'").replace("\r", " ").replace("\n", " ")
+        call.fire("hangup", "pbx", reason, f'SIP;cause=503;text="{text}"')
+        return True
+
+    def hangup_all(self, reason: str = "Service shutting down") -> int:
+        """End every call (drain timeout); returns how many were asked to end."""
+        ids = list(self.calls)
+        for call_id in ids:
+            self.hangup(call_id, reason)
+        return len(ids)
+
+    # -- helpers for the legs ------------------------------------------------------------
+    def make_via(self, peer: Peer) -> str:
+        branch = f"{self.branch_prefix}{secrets.token_hex(8)}"
+        return (f"SIP/2.0/{peer.transport.upper()} {self.local_host}:{self.local_port}"
+                f";branch={branch};rport")
+
+    def contact(self, peer: Peer) -> str:
+        suffix = "" if peer.transport == "udp" else f";transport={peer.transport}"
+        return f"<sip:pbx@{self.local_host}:{self.local_port}{suffix}>"
+
+    def call_finished(self, call: Call) -> None:
+        self.calls.pop(call.id, None)
+        self._invites.pop(call.caller.transaction, None)
+        for leg in (call.caller, call.winner):
+            if leg is not None and leg.dialog is not None:
+                self.dialogs.remove(leg.dialog)
+        for hook in list(self.call_ended_hooks):
+            try:
+                hook(call)
+            except Exception:
+                log.exception("call-ended hook failed")
+
+    def _reply(self, transaction: ServerTransaction, request: Request, status: int,
+               reason: str | None = None, headers: list[tuple[str, str]] | None = None
+               ) -> Response:
+        response = make_response(request, status, reason,
+                                 to_tag=None if status == 100 else new_tag())
+        for name, value in headers or ():
+            response.headers.add(name, value)
+        response.headers.add("Server", self.user_agent)
+        transaction.respond(response)
+        return response
+
+    # -- INVITE -------------------------------------------------------------------------
+    def handle_invite(self, request: Request, transaction: ServerTransaction,
+                      peer: Peer) -> None:
+        try:
+            to_tag = request.to.tag
+            request.from_  # noqa: B018 -- a broken From is a 400 before any work
+            request.call_id  # noqa: B018
+        except SIPParseError as exc:
+            self._reply(transaction, request, 400, exc.reason)
+            return
+        if to_tag:
+            self.handle_in_dialog(request, transaction, peer)
+            return
+        if not self.endpoint.is_ready():
+            self._reply(transaction, request, 503, None,
+                        [("Retry-After", str(self.retry_after))])
+            return
+        hop = check_hops(request, self.branch_prefix, self.node)
+        if hop is not None:
+            self._reply(transaction, request, hop[0], hop[1])
+            return
+        values = request.headers.getall("Proxy-Authorization")
+        auth = self.authenticator
+        digest = auth.select(values) if values else None
+        if digest is None or auth.precheck(digest, peer.host) is NonceState.INVALID:
+            self._challenge(transaction, request, peer)
+            return
+        self._invites[transaction] = _PENDING
+        d = maybeDeferred(self.credentials.credentials, digest.username)
+        d.addCallback(self._authenticated, request, transaction, peer, digest)
+        d.addErrback(self._lookup_failed, request, transaction)
+
+    def _challenge(self, transaction: ServerTransaction, request: Request, peer: Peer, *,
+                   stale: bool = False) -> None:
+        self.challenges += 1
+        self._reply(transaction, request, 407, None,
+                    self.authenticator.challenge(peer.host, stale=stale, proxy=True))
+
+    def _lookup_failed(self, failure: Any, request: Request,
+                       transaction: ServerTransaction) -> None:
+        log.error("INVITE: credential lookup failed: %s", failure.getErrorMessage())
+        if self._invites.pop(transaction, None) is _PENDING:
+            self._reply(transaction, request, 500)
+
+    def _authenticated(self, creds: Any, request: Request, transaction: ServerTransaction,
+                       peer: Peer, digest: Any) -> None:
+        if self._invites.get(transaction) is not _PENDING:
+            return  # CANCELled while the credentials were looked up
+        del self._invites[transaction]
+        outcome = self.authenticator.verify(digest, "INVITE", request.uri, creds, peer.host)
+        if outcome is not AuthOutcome.OK:
+            if outcome is AuthOutcome.FAILED:
+                self.auth_failures += 1
+                if self.guard is not None:
+                    self.guard.record_failure(peer.host)
+            if outcome is AuthOutcome.DISABLED:
+                self._reply(transaction, request, 403, "Extension Disabled")
+            else:
+                self._challenge(transaction, request, peer,
+                                stale=outcome is AuthOutcome.STALE)
+            return
+        if self.guard is not None:
+            self.guard.record_success(peer.host)
+        user = digest.username
+        if request.from_.uri is None or request.from_.uri.user != user:
+            self._reply(transaction, request, 403, "From Does Not Match Credentials")
+            return
+        self._start_call(request, transaction, peer, user)
+
+    def _start_call(self, request: Request, transaction: ServerTransaction, peer: Peer,
+                    user: str) -> None:
+        number = self.dialplan.dialled(request) or ""
+        max_forwards = request.max_forwards
+        caller = CallerLeg(self, request, transaction, peer, new_tag())
+        record = self.cdr.new_record(request.call_id, user, number)
+        call = Call(self, caller, record, caller_user=user, number=number,
+                    max_forwards=70 if max_forwards is None else max_forwards)
+        self.total_calls += 1
+        if len(self.calls) >= self.max_calls:
+            log.warning("max_calls (%d) reached: call from %s refused", self.max_calls, user)
+            call.fire("reject", 503, "Service Unavailable")
+            record.disposition = CONGESTION
+            return
+        self.calls[call.id] = call
+        self._invites[transaction] = call
+        caller.trying()
+        d = self.dialplan.route(number)
+        d.addCallbacks(call.route_done, call.route_failed)
+
+    # -- CANCEL ---------------------------------------------------------------------------
+    def handle_cancel(self, request: Request, transaction: ServerTransaction,
+                      peer: Peer) -> None:
+        invite_txn = self.transactions.find_invite_server_transaction(request)
+        if invite_txn is None:
+            self._reply(transaction, request, 481)
+            return
+        self._reply(transaction, request, 200)
+        entry = self._invites.get(invite_txn)
+        if entry is _PENDING:
+            del self._invites[invite_txn]
+            self._reply(invite_txn, invite_txn.request, 487)
+        elif isinstance(entry, Call):
+            entry.fire("caller_cancel")
+
+    # -- ACK for our 2xx ----------------------------------------------------------------------
+    def handle_ack(self, request: Request, peer: Peer) -> None:
+        found = self.dialogs.match(request)
+        if found is None:
+            log.debug("ACK for an unknown dialog from %s dropped", peer)
+            return
+        _dialog, leg = found
+        if leg.ack_received(request) and leg.call is not None and isinstance(leg, CallerLeg):
+            leg.call.fire("caller_ack")
+
+    # -- OPTIONS: in a dialog it is relayed, outside it the endpoint answers -------------------
+    def handle_options(self, request: Request, transaction: ServerTransaction,
+                       peer: Peer) -> None:
+        try:
+            to_tag = request.to.tag
+        except SIPParseError:
+            to_tag = None
+        if to_tag:
+            self.handle_in_dialog(request, transaction, peer)
+        elif self._options_fallback is not None:
+            self._options_fallback(request, transaction, peer)
+
+    # -- in-dialog requests ----------------------------------------------------------------
+    def handle_in_dialog(self, request: Request, transaction: ServerTransaction,
+                         peer: Peer) -> None:
+        found = self.dialogs.match(request)
+        if found is None:
+            self._reply(transaction, request, 481)
+            return
+        dialog, leg = found
+        try:
+            status = dialog.check_request(request)
+        except SIPParseError:
+            status = 400
+        if status is not None:
+            self._reply(transaction, request, status)
+            return
+        call = leg.call
+        method = request.method
+        if call is None:
+            self._reply(transaction, request, 481)
+            return
+        if method == "BYE":
+            leg.respond(transaction, request, 200)
+            self._remote_bye(call, leg)
+        elif method == "INVITE":
+            self._relay_reinvite(call, leg, request, transaction)
+        else:
+            self._relay_request(call, leg, request, transaction)
+
+    def _remote_bye(self, call: Call, leg: Leg) -> None:
+        if call.state in ("routing", "ringing"):
+            # A caller may end an early dialog with BYE: that is a CANCEL for us.
+            call.fire("caller_cancel")
+            return
+        if call.state in ("answered", "connected"):
+            call.fire(f"{leg.hangup_side}_bye", leg.hangup_side, "BYE")
+        else:
+            leg.remote_bye()
+            call.fire("leg_closed")
+
+    def _relay_request(self, call: Call, leg: Leg, request: Request,
+                       transaction: ServerTransaction) -> None:
+        other = call.other(leg)
+        if other is None or not other.confirmed or other.closed:
+            leg.respond(transaction, request, 481, "Leg Not Established")
+            return
+        extra = [(name, value) for name in _RELAYED_HEADERS if name != "Content-Type"
+                 for value in request.headers.getall(name)]
+
+        def relayed(_txn: ClientTransaction, response: Response) -> None:
+            if response.status < 200:
+                return
+            leg.respond(transaction, request, response.status, response.reason,
+                        body=response.body,
+                        content_type=response.headers.get("Content-Type"))
+
+        def failed(_txn: ClientTransaction) -> None:
+            leg.respond(transaction, request, 408)
+
+        sent = other.send_in_dialog(request.method, _Client(relayed, failed),
+                                    body=request.body,
+                                    content_type=request.headers.get("Content-Type"),
+                                    extra=extra)
+        if sent is None:
+            leg.respond(transaction, request, 481)
+
+    def _relay_reinvite(self, call: Call, leg: Leg, request: Request,
+                        transaction: ServerTransaction) -> None:
+        """Hold/resume: the offer is rewritten by the media session and sent to the other
+        leg; its answer comes back rewritten.  One re-INVITE at a time (491 otherwise)."""
+        other = call.other(leg)
+        if (call.state != "connected" or call.reinvite_pending or other is None
+                or not other.confirmed or other.closed or leg.awaiting_ack
+                or other.awaiting_ack):
+            leg.respond(transaction, request, 491, None, headers=[("Retry-After", "1")])
+            return
+        if not request.body or call.media is None:
+            leg.respond(transaction, request, 488, "Offer Required")
+            return
+        try:
+            offer = call.media.reoffer(leg.side, request.body)
+        except Exception as exc:
+            log.info("call %s: re-INVITE offer refused: %s", call.id, exc)
+            leg.respond(transaction, request, 488)
+            return
+        call.reinvite_pending = True
+        state: dict[str, Any] = {"ack": None, "done": False}
+
+        def answered(txn: ClientTransaction, response: Response) -> None:
+            status = response.status
+            if status < 200:
+                return
+            if status < 300:
+                ack = state["ack"]
+                if ack is None and other.dialog is not None:
+                    other.dialog.update_from_response(response)
+                    ack = state["ack"] = other.dialog.create_request(
+                        "ACK", via=self.make_via(other.peer), cseq=txn.request.cseq.seq)
+                if ack is not None:
+                    try:
+                        self.transactions.send_ack(ack, other.peer)
+                    except Exception:
+                        log.debug("ACK for re-INVITE 2xx could not be sent")
+            if state["done"]:
+                return
+            state["done"] = True
+            call.reinvite_pending = False
+            if status < 300:
+                body = b""
+                if response.body and call.media is not None:
+                    try:
+                        body = call.media.reanswer(other.side, response.body)
+                    except Exception as exc:
+                        log.info("call %s: re-INVITE answer refused: %s", call.id, exc)
+                reply = leg.respond(transaction, request, 200, None, body=body)
+                leg.await_ack(reply, request.cseq.seq)
+            else:
+                leg.respond(transaction, request, status, response.reason)
+                if status in (408, 481):
+                    call.fire("leg_lost", "pbx", f"{status} {response.reason}")
+
+        def failed(_txn: ClientTransaction) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            call.reinvite_pending = False
+            leg.respond(transaction, request, 408)
+            call.fire("leg_lost", "pbx", "408 Request Timeout")
+
+        if other.send_in_dialog("INVITE", _Client(answered, failed), body=offer) is None:
+            call.reinvite_pending = False
+            leg.respond(transaction, request, 481)

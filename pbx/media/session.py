@@ -1,0 +1,334 @@
+"""A relayed media session: two legs' ports, SDP rewriting and the rtp_session chart.
+
+The B2BUA owns one :class:`MediaSession` per call.  It hands every SDP body that crosses
+the PBX to the session, which learns where that side wants media, returns the body to
+forward (our address, the other leg's port, the codec filter) and drives the relay.
+Behaviour with states lives in ``statecharts/rtp_session.yaml``; this class supplies the
+callbacks.  Timers go through the injected reactor, so tests drive them with a Clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any, ClassVar, Literal, TypedDict
+
+from twisted.internet import defer
+
+from pbx.media.ports import PortAllocator
+from pbx.media.qos import StreamQoS, estimate_mos
+from pbx.media.relay import RelayLeg, bind_leg, link_legs
+from pbx.sip import sdp as sdplib
+from pbx.statechart_timers import TimedChartModel
+
+__all__ = ["DEFAULT_CODECS", "DirectionStats", "MediaSession", "MediaStats", "Side"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODECS = ("PCMU", "PCMA", "G722", "telephone-event")
+Side = Literal["a", "b"]
+_OTHER: dict[str, Side] = {"a": "b", "b": "a"}
+
+
+class DirectionStats(TypedDict):
+    """QoS of what one side sends (``a_to_b``: packets from a, relayed to b)."""
+
+    packets: int
+    bytes: int
+    lost: int
+    loss_pct: float
+    jitter_ms: float
+    mos: float | None
+    rtcp_packets: int
+    dropped: int
+    latched: str | None
+
+
+class MediaStats(TypedDict):
+    a_to_b: DirectionStats
+    b_to_a: DirectionStats
+
+
+class MediaSession(TimedChartModel):
+    """RTP relay for one call; see the module docstring and the rtp_session chart."""
+
+    chart_name: ClassVar[str] = "rtp_session"
+
+    def __init__(
+        self,
+        reactor: Any,
+        allocator: PortAllocator,
+        host: str = "127.0.0.1",
+        advertise: str | None = None,
+        *,
+        codecs: Iterable[str] = DEFAULT_CODECS,
+        media_timeout: float = 60.0,
+        hold_timeout: float | None = 3600.0,
+        nat_latch_window: float = 2.0,
+        on_timeout: Callable[[MediaSession], Any] | None = None,
+        reap_delay: float = 32.0,
+        bind_attempts: int = 16,
+    ) -> None:
+        super().__init__()
+        self.clock = reactor
+        self.reactor = reactor
+        self.allocator = allocator
+        self.host = host
+        self.advertise = advertise or host
+        self.codecs = tuple(codecs)
+        self.media_timeout = media_timeout
+        self.hold_timeout = hold_timeout
+        # Sampling four times per timeout bounds detection to [T, 1.25 T] of silence.
+        self.media_check_interval = media_timeout / 4.0
+        self.hold_check_interval = hold_timeout / 4.0 if hold_timeout else None
+        self.nat_latch_window = nat_latch_window
+        self.on_timeout = on_timeout
+        self.reap_delay = reap_delay
+        self.bind_attempts = bind_attempts
+        self.legs: dict[str, RelayLeg] = {}
+        self.qos: dict[str, StreamQoS] = {"a": StreamQoS(), "b": StreamQoS()}
+        self._index: int | None = None      # the relayed m-line
+        self._held = False
+        self._sess_id = str(random.getrandbits(62))
+        self._origins: dict[str, sdplib.Origin] = {}
+        self._last_sent: dict[str, bytes] = {}
+        self._idle_since = 0.0
+        self._last_count = -1
+        self._closing: list[Any] = []
+        self.started_at: float | None = None
+        self.answered_at: float | None = None
+        self.ended_at: float | None = None
+        self._timed_out = False
+
+    # -- public API ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind both legs' port pairs (PortsExhausted propagates, leaving nothing held)."""
+        if self.state != "allocating":
+            raise RuntimeError(f"media session already started (state {self.state})")
+        try:
+            for side in ("a", "b"):
+                self.legs[side] = bind_leg(self.reactor, self.allocator, self.host,
+                                           self.qos[side], attempts=self.bind_attempts)
+        except Exception:
+            self.fire("close")
+            raise
+        link_legs(self.legs["a"], self.legs["b"])
+        self.started_at = self.clock.seconds()
+        self.fire("allocated")
+
+    def offer_from_a(self, sdp: bytes) -> bytes:
+        """The caller's offer (INVITE) rewritten for the callee."""
+        return self.offer("a", sdp)
+
+    def answer_from_b(self, sdp: bytes) -> bytes:
+        """The callee's answer (183/200) rewritten for the caller; the session goes active."""
+        return self.answer("b", sdp)
+
+    def reoffer(self, side: Side, sdp: bytes) -> bytes:
+        """A re-INVITE's offer from ``side``; hold (sendonly/inactive/c=0) or resume."""
+        return self.offer(side, sdp)
+
+    def reanswer(self, side: Side, sdp: bytes) -> bytes:
+        """The answer ``side`` gives to a re-offer, rewritten for the other side."""
+        return self.answer(side, sdp)
+
+    def offer(self, side: Side, sdp: bytes) -> bytes:
+        """Any offer from ``side`` (also offerless INVITE: the 200's offer from b)."""
+        self._require_open()
+        parsed = sdplib.parse(sdp)
+        index = _pick_stream(parsed)
+        out = self._exchange(side, parsed, index)
+        self._index = index
+        self._held = sdplib.is_hold(parsed, parsed.media[index])
+        self._sync_hold()
+        return out
+
+    def answer(self, side: Side, sdp: bytes) -> bytes:
+        """Any answer from ``side``; the first one makes the session active."""
+        self._require_open()
+        if self._index is None:
+            raise sdplib.SDPError("answer without an offer")
+        parsed = sdplib.parse(sdp)
+        index = self._index
+        if index >= len(parsed.media) or parsed.media[index].port == 0:
+            raise sdplib.SDPError("the answer rejected the audio stream")
+        out = self._exchange(side, parsed, index)
+        if self.state == "waiting":
+            self.answered_at = self.clock.seconds()
+        self.fire("answered")
+        self._sync_hold()
+        return out
+
+    def close(self) -> defer.Deferred[Any]:
+        """Stop relaying and release every port exactly once; idempotent.
+
+        The Deferred fires once the sockets are closed (ports reusable by another process).
+        """
+        if self.state != "closed":
+            self.fire("close")
+        return defer.DeferredList(list(self._closing))
+
+    def local_port(self, side: Side) -> int:
+        """The RTP port the PBX offers ``side`` (RTCP is the next one)."""
+        return self.legs[side].port
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {side: leg.port for side, leg in self.legs.items()}
+
+    @property
+    def stats(self) -> MediaStats:
+        return {"a_to_b": self._direction("a"), "b_to_a": self._direction("b")}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able QoS summary for the CDR: both directions and the worse MOS."""
+        stats = self.stats
+        scores = [d["mos"] for d in stats.values() if d["mos"] is not None]
+        return {
+            "state": self.state,
+            "codecs": list(self.codecs),
+            "a_to_b": dict(stats["a_to_b"]),
+            "b_to_a": dict(stats["b_to_a"]),
+            "mos": min(scores) if scores else None,
+            "timed_out": self._timed_out,
+        }
+
+    # -- chart callbacks ----------------------------------------------------------------
+    def reset_idle(self) -> None:
+        self._last_count = self._packet_count()
+        self._idle_since = self.clock.seconds()
+
+    def media_idle(self) -> bool:
+        """Guard of media_check: no packet for the state's timeout (counters sampled)."""
+        count = self._packet_count()
+        now = self.clock.seconds()
+        if count != self._last_count:
+            self._last_count = count
+            self._idle_since = now
+            return False
+        limit = self.media_timeout if self.state == "active" else self.hold_timeout
+        return limit is not None and now - self._idle_since >= limit
+
+    def notify_timeout(self) -> None:
+        self._timed_out = True
+        log.info("media timeout on ports %s after %.0f s without packets", self.ports,
+                 self.clock.seconds() - self._idle_since)
+        if self.on_timeout is not None:
+            try:
+                self.on_timeout(self)
+            except Exception:
+                log.exception("media session on_timeout callback failed")
+
+    def release_ports(self) -> None:
+        self.cancel_timers()
+        self.ended_at = self.clock.seconds()
+        for leg in self.legs.values():
+            if leg.released:
+                continue
+            leg.released = True
+            self._closing.extend(leg.close())
+            self.allocator.release(leg.port)
+
+    # -- internals ----------------------------------------------------------------------
+    def _require_open(self) -> None:
+        if self.state in ("allocating", "closed", "timed_out"):
+            raise RuntimeError(f"media session is {self.state}")
+
+    def _packet_count(self) -> int:
+        total = 0
+        for leg in self.legs.values():
+            total += leg.rtp.packets
+            if self.state == "on_hold":
+                total += leg.rtcp.packets
+        return total
+
+    def _sync_hold(self) -> None:
+        if self._held and self.state == "active":
+            self.fire("hold")
+        elif not self._held and self.state == "on_hold":
+            self.fire("resume")
+
+    def _exchange(self, side: Side, parsed: sdplib.SessionDescription, index: int) -> bytes:
+        """Learn ``side``'s media address from its SDP; return the SDP for the other side."""
+        other = _OTHER[side]
+        media = parsed.media[index]
+        host = sdplib.connection_address(parsed, media)
+        rtcp_host, rtcp_port = host, media.port + 1
+        for name, value in media.attributes():
+            if name == "rtcp" and value:
+                fields = value.split()
+                if fields[0].isascii() and fields[0].isdigit() and int(fields[0]) <= 65535:
+                    rtcp_port = int(fields[0])
+                    if len(fields) == 4:
+                        rtcp_host = fields[3]
+        out = sdplib.rewrite_media(parsed, index, address=self.advertise,
+                            port=self.legs[other].port, origin=self._origin(other, 0),
+                            codecs=self.codecs)
+        self.legs[side].expect(_literal(host), media.port, _literal(rtcp_host), rtcp_port,
+                               self.clock.seconds() + self.nat_latch_window)
+        self._tune_qos(side, out, index)
+        key = sdplib.serialize(out)
+        if other in self._last_sent and key != self._last_sent[other]:
+            self._origins[other] = replace(self._origins[other],
+                                           version=self._origins[other].version + 1)
+        self._last_sent[other] = key
+        out.origin = self._origins[other]
+        return sdplib.serialize(out)
+
+    def _origin(self, side: str, version: int) -> sdplib.Origin:
+        """Our o= line toward ``side`` (we are the offerer/answerer each leg sees)."""
+        if side not in self._origins:
+            self._origins[side] = sdplib.Origin("pbx", self._sess_id, 1, "IN",
+                                         "IP6" if ":" in self.advertise else "IP4",
+                                         self.advertise)
+        return replace(self._origins[side], version=version)
+
+    def _tune_qos(self, side: str, sdp: sdplib.SessionDescription, index: int) -> None:
+        """Clock rate of the side's preferred codec and its telephone-event PT."""
+        media = sdp.media[index]
+        table = sdplib.rtpmap(media)
+        qos = self.qos[side]
+        for pt in media.formats:
+            name, rate = table[pt]
+            if name == "TELEPHONE-EVENT":
+                qos.event_pt = int(pt) if pt.isdigit() else -1
+            elif name != "CN" and rate and qos.received == 0:
+                qos.clock_rate = rate
+
+    def _direction(self, side: str) -> DirectionStats:
+        qos = self.qos[side]
+        snap = qos.snapshot()
+        leg = self.legs.get(side)
+        rtp_packets = leg.rtp.packets if leg else 0
+        latched = leg.rtp.src if leg and leg.rtp.latches else None
+        return {
+            "packets": rtp_packets,
+            "bytes": leg.rtp.octets if leg else 0,
+            "lost": snap["lost"],
+            "loss_pct": snap["loss_pct"],
+            "jitter_ms": snap["jitter_ms"],
+            "mos": estimate_mos(snap["loss_pct"], snap["jitter_ms"]) if rtp_packets else None,
+            "rtcp_packets": leg.rtcp.packets if leg else 0,
+            "dropped": (leg.rtp.dropped + leg.rtcp.dropped) if leg else 0,
+            "latched": f"{latched[0]}:{latched[1]}" if latched else None,
+        }
+
+
+def _pick_stream(sdp: sdplib.SessionDescription) -> int:
+    """The relayed stream: the first RTP audio m-line that is not disabled."""
+    for i, media in enumerate(sdp.media):
+        if media.kind == "audio" and media.port != 0 and media.is_rtp:
+            return i
+    raise sdplib.SDPError("no audio stream in the offer")
+
+
+def _literal(host: str | None) -> str | None:
+    """An IP literal the relay can compare source tuples with, else None (latch only)."""
+    if host in ("0.0.0.0", "::"):
+        return host
+    if host is None or not sdplib.is_ip_address(host):
+        return None
+    return str(ipaddress.ip_address(host))
