@@ -114,9 +114,7 @@ def _ext_add(store: Any, settings: Settings, args: argparse.Namespace
         print(f"pbx: extension {args.number} already exists", file=sys.stderr)
         return EXIT_FAILURE
     print(f"extension {args.number} created")
-    if generated:
-        print(f"password: {generated}")
-        print("(shown once: only hashes are stored)")
+    _show_generated(generated)
     return EXIT_OK
 
 
@@ -130,10 +128,15 @@ def _ext_passwd(store: Any, settings: Settings, args: argparse.Namespace
         print(f"pbx: {err}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"password of extension {args.number} changed")
-    if generated:
-        print(f"password: {generated}")
-        print("(shown once: only hashes are stored)")
+    _show_generated(generated)
     return EXIT_OK
+
+
+def _show_generated(password: str | None) -> None:
+    """A generated password is printed this once: the store keeps only its hashes."""
+    if password:
+        print(f"password: {password}")
+        print("(shown once: only hashes are stored)")
 
 
 def _ext_remove(store: Any, settings: Settings, args: argparse.Namespace

@@ -210,13 +210,13 @@ def _choose_config_file(path: str | os.PathLike[str] | None) -> tuple[Path, bool
     """Return (path, explicit): the argument, then ``$PBX_CONFIG``, then ``./config.yml``."""
     if path is not None and str(path) != "":
         return Path(path).expanduser(), True
-    from_env = _getenv_ci(os.environ, CONFIG_ENV_VAR)
+    from_env = getenv_ci(os.environ, CONFIG_ENV_VAR)
     if from_env:
         return Path(from_env).expanduser(), True
     return Path.cwd() / DEFAULT_CONFIG_NAME, False
 
 
-def _getenv_ci(environ: Mapping[str, str], name: str) -> str | None:
+def getenv_ci(environ: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive env lookup (exact case wins), matching pydantic-settings."""
     if name in environ:
         return environ[name]

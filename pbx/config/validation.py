@@ -791,14 +791,8 @@ def _extensions(ctx: _Context) -> None:
                     "(the wizard makes one)")
 
 
-def _lookup_env(environ: Mapping[str, str], name: str) -> str | None:
-    if name in environ:
-        return environ[name]
-    lowered = name.lower()
-    for key, value in environ.items():
-        if key.lower() == lowered:
-            return value
-    return None
+# Environment names are case-insensitive, as pydantic-settings reads them.
+_lookup_env = loading.getenv_ci
 
 
 # ------------------------------------------------------------------- codecs
