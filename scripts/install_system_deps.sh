@@ -4,7 +4,7 @@
 # With CI=true a tool that is still missing is a failure, never a silent skip.
 set -u
 # command -> Debian package
-TOOLS="sipp:sip-tester openssl:openssl promtool:prometheus kamailio:kamailio baresip:baresip-core"
+TOOLS="sipp:sip-tester openssl:openssl promtool:prometheus kamailio:kamailio baresip:baresip-core systemd-analyze:systemd espeak-ng:espeak-ng nginx:nginx-light"
 missing=""
 for entry in $TOOLS; do
     cmd=${entry%%:*}; pkg=${entry#*:}
