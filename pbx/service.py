@@ -89,7 +89,7 @@ class ScheduledGC:
     and never walked again.  :meth:`stop` restores the interpreter's settings.
     """
 
-    def __init__(self, clock: Any, interval: float = 1.0, full_every: int = 300) -> None:
+    def __init__(self, clock: Any, interval: float = 1.0, full_every: int = 30) -> None:
         self.clock = clock
         self.interval = interval
         self.full_every = full_every

@@ -53,6 +53,8 @@ Address = tuple[str, int]
 class RelaySocket(DatagramProtocol):
     """One bound UDP socket of one leg; forwards what its endpoint sends to ``peer``."""
 
+    noisy = False  # one relay socket pair per leg: no start/stop lines per call
+
     kind = "rtp"
 
     def __init__(self, seconds: Callable[[], float]) -> None:
