@@ -130,10 +130,15 @@ def test_answered_busy_cancelled_and_unanswered_calls(sipp: str, tmp_path: Path)
         phones.call("uas_busy.xml", "uac_busy.xml")
         phones.call("uas_noanswer.xml", "uac_cancel.xml")
         phones.call("uas_noanswer.xml", "uac_noanswer.xml")
+        # Hold and resume: re-INVITEs pass through with SDP rewritten; the callee's
+        # recvonly answer reaches the caller (both scenarios check the directions).
+        phones.call("uas_hold.xml", "uac_hold.xml")
     finally:
         assert pbx.stop() == 0
     rows = read_cdrs(tmp_path)
-    assert [r["disposition"] for r in rows] == ["ANSWERED", "BUSY", "CANCELLED", "NO ANSWER"]
+    assert [r["disposition"] for r in rows] == ["ANSWERED", "BUSY", "CANCELLED", "NO ANSWER",
+                                                "ANSWERED"]
+    assert rows[4]["hangup_side"] == "caller"
     assert all(r["state"] == "closed" and r["caller"] == CALLER and r["callee"] == CALLEE
                for r in rows)
     answered = rows[0]
