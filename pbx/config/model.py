@@ -63,6 +63,7 @@ __all__ = [
     "SipTimers",
     "collect_warnings",
     "default_sqlite_url",
+    "file_value",
     "is_secret_key",
     "iter_leaf_keys",
     "mask_url_password",
@@ -547,6 +548,22 @@ def _section_type(info: FieldInfo) -> type[BaseModel] | None:
     return None
 
 
+def file_value(settings: Settings, *path: str) -> Any:
+    """The raw value written in the config file at ``path`` (keys case-insensitive).
+
+    Tells a secret written into the file from one that came from the environment.
+    """
+    node: Any = settings._file_data or {}
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        match = [v for k, v in node.items() if str(k).lower() == part]
+        if not match:
+            return None
+        node = match[0]
+    return node
+
+
 def collect_warnings(settings: Settings) -> list[str]:
     """Non-fatal findings about a loaded configuration.
 
@@ -554,26 +571,13 @@ def collect_warnings(settings: Settings) -> list[str]:
     written into the config file instead of the environment / ``.env``.
     """
     warnings: list[str] = []
-    raw = settings._file_data or {}
     where = str(settings.config_file) if settings.config_file else "the config file"
-
-    def lookup(*path: str) -> Any:
-        node: Any = raw
-        for part in path:
-            if not isinstance(node, dict):
-                return None
-            match = [v for k, v in node.items() if str(k).lower() == part]
-            if not match:
-                return None
-            node = match[0]
-        return node
-
-    if lookup("api", "token"):
+    if file_value(settings, "api", "token"):
         warnings.append(
             f"api.token is set in {where}; keep secrets out of the config file and "
             "set PBX_API__TOKEN in the environment or .env instead"
         )
-    url = lookup("database", "url")
+    url = file_value(settings, "database", "url")
     if isinstance(url, str) and url_has_password(url):
         warnings.append(
             f"database.url in {where} contains a password; set PBX_DATABASE__URL in the "

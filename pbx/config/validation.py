@@ -92,7 +92,13 @@ from pydantic import ValidationError
 
 from pbx.config import loading
 from pbx.config.loading import AUTO, ConfigError, ConfigIssue, load_settings
-from pbx.config.model import Settings, collect_warnings, mask_url_password, url_has_password
+from pbx.config.model import (
+    Settings,
+    collect_warnings,
+    file_value,
+    mask_url_password,
+    url_has_password,
+)
 from pbx.config.passwords import check_password, check_token
 
 __all__ = [
@@ -539,7 +545,7 @@ def _database(ctx: _Context) -> None:
         ctx.add("warning", "DB_POSTGRES_PORT_MISSING", "database.url",
                 f"the PostgreSQL URL {shown} has no port (5432 is assumed)",
                 "write the port explicitly, e.g. postgresql://user@host:5432/pbx")
-    raw = _file_value(s, "database", "url")
+    raw = file_value(s, "database", "url")
     if isinstance(raw, str) and url_has_password(raw):
         ctx.add("warning", "DB_PASSWORD_IN_CONFIG_FILE", "database.url",
                 f"the database password is written in {ctx.config_file or 'the config file'}",
@@ -593,19 +599,6 @@ def _clean_db_error(text: str, password: str | None) -> str:
 # ------------------------------------------------------------------- security
 
 
-def _file_value(settings: Settings, *path: str) -> Any:
-    """The raw value written in the config file at ``path`` (case-insensitive), if any."""
-    node: Any = settings._file_data or {}
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        match = [v for k, v in node.items() if str(k).lower() == part]
-        if not match:
-            return None
-        node = match[0]
-    return node
-
-
 def _security(ctx: _Context) -> None:
     s = ctx.settings
     if not s.security.fips_mode:
@@ -625,7 +618,7 @@ def _security(ctx: _Context) -> None:
                 "brute-force blocking is off: password guessing is never stopped",
                 "set security.brute_force.enabled: true")
     for key, path in (("api.token", ("api", "token")), ("auth.secret", ("auth", "secret"))):
-        if _file_value(s, *path):
+        if file_value(s, *path):
             ctx.add("warning", "SECRET_IN_CONFIG_FILE", key,
                     f"{key} is written in {ctx.config_file or 'the config file'}",
                     f"remove it there and set {loading.env_var_name(key)} in the environment "
