@@ -37,7 +37,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchlib import free_port, process_cpu, process_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTER = ROOT / "tests" / "integration" / "scenarios" / "register.xml"
@@ -201,25 +202,6 @@ UAC_XML = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 
 
 # -- processes ----------------------------------------------------------------------------
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def udp_drops() -> dict[int, int]:
     """Datagrams the kernel dropped per local UDP port (receive buffer full), all sockets."""
     drops: dict[int, int] = {}

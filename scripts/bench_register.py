@@ -22,13 +22,14 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchlib import free_port, process_cpu, process_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "integration" / "scenarios" / "register.xml"
@@ -55,12 +56,6 @@ class Step:
     @property
     def achieved(self) -> float:
         return self.succeeded / self.seconds if self.seconds else 0.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        return int(udp.getsockname()[1])
 
 
 def write_config(workdir: Path, port: int, db_url: str) -> Path:
@@ -111,19 +106,6 @@ def create_users(config: Path, count: int, env: dict[str, str], workdir: Path) -
         for number, password in credentials.items():
             out.write(f"{number};[authentication username={number} password={password}]\n")
     return users
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def start_pbx(config: Path, env: dict[str, str], workdir: Path,
