@@ -175,16 +175,7 @@ class PBXService(service.Service):
         )
         self.endpoint.handlers["REGISTER"] = self.registrar.handle_register
         self.b2bua = install_calls(self)
-        health = settings.health
-        self.ops = install_ops(self, options=OpsOptions(
-            enabled=settings.api.enabled, rate_limit=settings.api.rate_limit,
-            rate_burst=settings.api.rate_burst,
-            heartbeat_interval=health.heartbeat_interval,
-            liveness_max_lag=health.liveness_max_lag,
-            database_timeout=health.database_timeout, cache_seconds=health.cache_seconds,
-            cpu_warn_percent=health.cpu_warn_percent,
-            memory_warn_percent=health.memory_warn_percent,
-            disk_warn_percent=health.disk_warn_percent))
+        self.ops = install_ops(self, options=OpsOptions.from_settings(settings))
         self._signals_seen = 0
         self._stopping_reactor = False
 

@@ -41,7 +41,10 @@ log = logging.getLogger("pbx")
 
 @dataclass(frozen=True, slots=True)
 class OpsOptions:
-    """Knobs not (yet) in ``pbx.config``; each maps to a proposed config key."""
+    """The ops plane's knobs: ``api.enabled``/``rate_limit``/``rate_burst`` and ``health.*``.
+
+    A plain dataclass so pbx.ops can be driven without pbx.config (tests use fast values).
+    """
 
     enabled: bool = True                 # api.enabled
     rate_limit: float = 20.0             # api.rate_limit (requests/s per client on /api/)
@@ -53,6 +56,19 @@ class OpsOptions:
     cpu_warn_percent: float = 80.0       # health.cpu_warn_percent
     memory_warn_percent: float = 85.0    # health.memory_warn_percent
     disk_warn_percent: float = 90.0      # health.disk_warn_percent
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OpsOptions:
+        """Build from the configuration's ``api`` and ``health`` sections."""
+        api, health = settings.api, settings.health
+        return cls(
+            enabled=api.enabled, rate_limit=api.rate_limit, rate_burst=api.rate_burst,
+            heartbeat_interval=health.heartbeat_interval,
+            liveness_max_lag=health.liveness_max_lag,
+            database_timeout=health.database_timeout, cache_seconds=health.cache_seconds,
+            cpu_warn_percent=health.cpu_warn_percent,
+            memory_warn_percent=health.memory_warn_percent,
+            disk_warn_percent=health.disk_warn_percent)
 
 
 def _version() -> str:
