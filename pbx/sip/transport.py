@@ -78,6 +78,20 @@ def stamp_via(request: Request, peer: Peer) -> None:
     request.replace_top_via(Via(top.protocol, top.transport, top.host, top.port, stamped))
 
 
+def _in_dialog(request: Request) -> bool:
+    """A To tag marks an in-dialog request; REGISTER never belongs to a dialog.
+
+    The tag is read from the parsed To header: a ``tag=`` in a display name must not
+    exempt a request from the source guard.
+    """
+    if request.method == "REGISTER":
+        return False
+    try:
+        return request.to.tag is not None
+    except SIPParseError:
+        return False
+
+
 def response_destination(response: Response, fallback: Peer) -> Peer:
     """RFC 3261 §18.2.2 (with RFC 3581 rport): where a response goes without a connection."""
     try:
@@ -185,7 +199,7 @@ class SIPTransport:
         Rate-limited requests are dropped (answering a flood only amplifies it); a blocked
         source gets 403 or silence, as configured.
         """
-        if request.method in ("ACK", "CANCEL") or "tag=" in (request.headers.get("To") or ""):
+        if request.method in ("ACK", "CANCEL") or _in_dialog(request):
             return True
         assert self.guard is not None
         verdict = self.guard.check(peer.host)

@@ -117,3 +117,40 @@ def test_tcp_broken_framing_closes_only_that_connection() -> None:
     assert wire.disconnecting
     assert owner.stats.dropped["stream_framing"] == 1
     assert not received
+
+
+def guarded_transport(rate: float) -> tuple[SIPTransport, list[Request]]:
+    from pbx.sip import SecurityPolicy, SourceGuard
+    from pbx.sip.abuse import RateLimitPolicy
+
+    received: list[Request] = []
+
+    class Sink:
+        def handle_request(self, req: Request, peer: Peer) -> None:
+            received.append(req)
+
+        def handle_response(self, resp: Response, peer: Peer) -> None:
+            raise AssertionError("no responses expected")
+
+    guard = SourceGuard(SecurityPolicy(rate_limit=RateLimitPolicy(True, rate, 1)),
+                        now=lambda: 0.0)
+    owner = SIPTransport(MemoryReactor(), guard=guard)
+    owner.handler = Sink()
+    return owner, received
+
+
+def test_guard_is_not_bypassed_by_tag_in_display_name_or_on_register() -> None:
+    owner, received = guarded_transport(0.001)  # burst 1, no refill: one request passes
+    peer = Peer("udp", "198.51.100.7", 5062)
+    base = request("SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK1").to_bytes()
+    owner.message_received(base, peer, datagram=True)
+    sneaky = base.replace(b"To: <sip:pbx@10.0.0.1>", b'To: "tag=x" <sip:pbx@10.0.0.1>')
+    owner.message_received(sneaky, peer, datagram=True)
+    register = (base.replace(b"OPTIONS", b"REGISTER")
+                .replace(b"To: <sip:pbx@10.0.0.1>", b"To: <sip:pbx@10.0.0.1>;tag=abc"))
+    owner.message_received(register, peer, datagram=True)
+    assert len(received) == 1
+    assert owner.stats.dropped["rate_limited"] == 2
+    in_dialog = base.replace(b"To: <sip:pbx@10.0.0.1>", b"To: <sip:pbx@10.0.0.1>;tag=abc")
+    owner.message_received(in_dialog, peer, datagram=True)
+    assert len(received) == 2  # a real To tag on a non-REGISTER is in-dialog: not limited
