@@ -39,7 +39,10 @@ from pbx.sip import (
     SecurityPolicy,
     SIPEndpoint,
     SIPTransport,
+    ReloadableServerContext,
     SourceGuard,
+    StreamLimits,
+    TLSConfigError,
     TransactionManager,
 )
 from pbx.store import SchemaOutdated, SchemaTooNew, Store, StoreError, open_store
@@ -149,7 +152,8 @@ class PBXService(service.Service):
         self.guard = SourceGuard(SecurityPolicy.from_settings(settings.security),
                                  now=reactor.seconds)
         self.transport = SIPTransport(reactor, max_message_size=sip.max_message_size,
-                                      guard=self.guard)
+                                      guard=self.guard,
+                                      limits=StreamLimits.from_settings(sip))
         self.endpoint = SIPEndpoint(is_ready=lambda: self.lifecycle.ready,
                                     retry_after=settings.lifecycle.retry_after,
                                     user_agent=sip.user_agent)
@@ -203,8 +207,37 @@ class PBXService(service.Service):
                       exc.socketError)
             self.lifecycle.fire("start_failed")
             return
+        if sip.tls_enabled and not self._listen_tls():
+            return
         self.reactor.addSystemEventTrigger("after", "startup", self._install_signal_handlers)
         self._start_components().addErrback(self._start_failed)
+
+    def _listen_tls(self) -> bool:
+        """SIP over TLS on ``sip.tls_port`` with the configured certificate; a certificate
+        that cannot be used is a configuration error (exit 78), a taken port a failure."""
+        sip = self.settings.sip
+        assert sip.tls_cert is not None and sip.tls_key is not None  # the model checks
+        try:
+            context = ReloadableServerContext(sip.tls_cert, sip.tls_key)
+        except TLSConfigError as exc:
+            log.error("configuration error: %s", exc)
+            self.lifecycle.fire("start_failed")
+            self.exit_code = EXIT_CONFIG
+            return False
+        try:
+            kind, host, port = self.transport.listen_tls(sip.host, sip.tls_port, context)
+        except CannotListenError as exc:
+            log.error("cannot listen for SIP over TLS on %s:%s: %s", sip.host,
+                      sip.tls_port, exc.socketError)
+            self.lifecycle.fire("start_failed")
+            return False
+        log.info("listening: SIP %s on %s:%d", kind.upper(), host, port)
+        return True
+
+    def reload(self) -> None:
+        """SIGHUP: reload what can change without a restart (today: the TLS certificate)."""
+        if self.transport.tls_context is not None:
+            self.transport.reload_tls()
 
     @inlineCallbacks
     def _start_components(self) -> Generator[Deferred[Any], Any, None]:
@@ -259,6 +292,10 @@ class PBXService(service.Service):
         """SIGTERM/SIGINT start a drain; a second one stops at once."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.handle_stop_signal, signal.Signals(signum).name)

@@ -137,13 +137,39 @@ _PORT_FIX = _fix("use an integer between 1 and 65535")
 _LISTEN_PORT_FIX = _fix("use an integer between 1 and 65535 (or 0 for any free port)")
 
 
+class SipTcpSettings(_Section):
+    """Limits of the SIP stream listeners (TCP and TLS): what one peer may hold.
+
+    A connection-oriented listener facing the internet must bound connections in total
+    and per source, how long a header may take to arrive (slowloris) and how long a
+    silent connection is kept (RFC 5626 CRLF keep-alives count as traffic), and how
+    much it queues for a peer that never reads.
+    """
+
+    max_connections: int = Field(
+        1024, ge=1, le=1_000_000,
+        json_schema_extra=_fix("use the most open TCP/TLS connections in total, e.g. 1024"))
+    max_per_source: int = Field(
+        32, ge=1, le=100_000,
+        json_schema_extra=_fix("use the most open connections from one IP address, e.g. 32"))
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600,
+        json_schema_extra=_fix("use seconds a message header may take to arrive, e.g. 10"))
+    idle_timeout: float = Field(
+        600.0, gt=0, le=86_400,
+        json_schema_extra=_fix("use seconds a silent connection is kept, e.g. 600"))
+    max_write_buffer: int = Field(
+        262_144, ge=4096, le=64 << 20,
+        json_schema_extra=_fix("use bytes queued for a slow reader before it is dropped"))
+
+
 class SipSettings(_Section):
     """SIP listener: one port is bound for both UDP and TCP; TLS is opt-in."""
 
     host: str = Field("0.0.0.0", min_length=1,
                       json_schema_extra=_fix("use an IP address to bind, e.g. 0.0.0.0"))
     port: int = Field(5060, ge=0, le=65535, json_schema_extra=_LISTEN_PORT_FIX)
-    tls_port: int = Field(5061, ge=1, le=65535, json_schema_extra=_PORT_FIX)
+    tls_port: int = Field(5061, ge=0, le=65535, json_schema_extra=_LISTEN_PORT_FIX)
     tls_enabled: bool = Field(False, json_schema_extra=_fix("use true or false"))
     tls_cert: Path | None = Field(None, json_schema_extra=_fix("use a path to a PEM certificate"))
     tls_key: Path | None = Field(None, json_schema_extra=_fix("use a path to a PEM private key"))
@@ -161,6 +187,7 @@ class SipSettings(_Section):
         json_schema_extra=_fix("use an integer between 1024 and 1048576"),
     )
     timers: SipTimers = Field(default_factory=SipTimers)
+    tcp: SipTcpSettings = Field(default_factory=SipTcpSettings)
 
     @model_validator(mode="after")
     def _check_tls(self) -> SipSettings:
@@ -175,7 +202,7 @@ class SipSettings(_Section):
                     "TLS is enabled but " + " and ".join(f"sip.{m}" for m in missing) + " not set",
                     "set sip.tls_cert and sip.tls_key to PEM files, or set sip.tls_enabled: false",
                 )
-            if self.tls_port == self.port:
+            if self.tls_port == self.port and self.port != 0:
                 raise _rule_error("sip.tls_port", f"tls_port equals port ({self.port})",
                                   "use a different port for TLS, e.g. 5061")
         return self

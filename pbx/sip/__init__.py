@@ -48,6 +48,8 @@ from pbx.sip.transactions import (
     TransportError,
     new_branch,
 )
+from pbx.sip.stream import StreamLimits
+from pbx.sip.tls import ReloadableServerContext, TLSConfigError
 from pbx.sip.transport import SIPTransport
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "NonceState",
     "Peer",
     "Registrar",
+    "ReloadableServerContext",
     "RegistrarPolicy",
     "Request",
     "Response",
@@ -89,6 +92,8 @@ __all__ = [
     "SessionDescription",
     "SourceGuard",
     "StreamFramer",
+    "StreamLimits",
+    "TLSConfigError",
     "TransactionManager",
     "TransactionUser",
     "TransportError",

@@ -1,9 +1,20 @@
-"""SIP over UDP and TCP on Twisted (RFC 3261 §18, RFC 3581).
+"""SIP over UDP, TCP and TLS on Twisted (RFC 3261 §18, RFC 3581, RFC 5626 keep-alives).
 
 The transport is the only part of ``pbx.sip`` that touches sockets.  Bytes come in, the
-sans-IO codec turns them into messages, Via is stamped with ``received``/``rport``, and
-the message goes to the transaction layer.  Outgoing responses are routed by the top
-Via (§18.2.2), reusing the TCP connection the request came on.
+sans-IO codec turns them into messages, the top Via is stamped with the *real* source
+(``received``/``rport``), and the message goes to the transaction layer.
+
+What a sender writes about itself is never used to route (RFC 3261 §18.2.2 read with
+§26.1.5's reflection concerns, as Kamailio's ``force_rport`` does):
+
+- a UDP request is answered over UDP to the address and port it came from;
+- a TCP/TLS request is answered on the connection it came on; when that is gone, over
+  a new connection of the *same* transport to the request's source IP (at the sent-by
+  port, the only part of the Via that cannot point elsewhere).
+
+Stream connections and their limits live in :mod:`pbx.sip.stream`; TLS contexts in
+:mod:`pbx.sip.tls`.  A listener on ``::`` is dual-stack: IPv4 peers are seen as plain
+IPv4 addresses and reached through IPv4-mapped addresses on the same socket.
 
 Nothing a peer sends may stop the server: every failure is answered with a 400 where the
 request can be answered, otherwise dropped and counted.
@@ -18,23 +29,41 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorUDP
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 
 from pbx.sip.abuse import SourceGuard, Verdict
 from pbx.sip.errors import SIPParseError
 from pbx.sip.headers import Via
-from pbx.sip.message import Request, Response, StreamFramer, make_response, parse
+from pbx.sip.message import Request, Response, make_response, parse
+from pbx.sip.stream import (
+    ConnectionTable,
+    SIPStreamFactory,
+    SIPStreamProtocol,
+    StreamLimits,
+    normalize_host,
+)
 from pbx.sip.transactions import Peer, SentResponse, TransportError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+STREAM_TRANSPORTS = ("tcp", "tls")
 _STATUS_KEYS = {status: str(status) for status in range(100, 700)}
+# Metric label values for methods: RFC methods as themselves, anything else "other".
+_KNOWN_METHODS = frozenset({
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE",
+    "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
+})
+
+
+def method_key(method: str) -> str:
+    """Bounded counter key for a request method (unknown methods are ``other``)."""
+    return method if method in _KNOWN_METHODS else "other"
 
 
 class MessageHandler(TypingProtocol):
@@ -47,101 +76,132 @@ class MessageHandler(TypingProtocol):
 
 @dataclass
 class TransportStats:
-    """Counters the ops plane turns into metrics."""
+    """Counters the ops plane turns into metrics (every key set is bounded)."""
 
     received: Counter[str]
     sent: Counter[str]
     dropped: Counter[str]
     bad_requests_answered: int = 0
+    connections_refused: Counter[str] | None = None
 
     @classmethod
     def new(cls) -> TransportStats:
-        return cls(Counter(), Counter(), Counter())
+        return cls(Counter(), Counter(), Counter(), 0, Counter())
 
 
 def stamp_via(request: Request, peer: Peer) -> None:
-    """RFC 3261 §18.2.1 and RFC 3581: record where the request really came from.
+    """RFC 3261 §18.2.1 and RFC 3581 §4: record where the request really came from.
 
-    The top Via is parsed once (and stays cached for the transaction layer); the header
-    line is rewritten only when a parameter has to be added or filled in.
+    ``received`` is set whenever the sent-by host differs from the source, and a
+    ``received`` the sender wrote itself is overwritten; ``rport`` (when present, with
+    or without a value) is set to the real source port.  The top Via is parsed once
+    (and stays cached for the transaction layer); the header line is rewritten only
+    when something has to change.
     """
     top = request.top_via
     params = top.params
     host = peer.host
-    fill_rport = "rport" in params and not params["rport"]
-    if not fill_rport and (top.host == host or params.get("received") == host):
+    has_rport = "rport" in params
+    claimed = params.get("received")
+    rport_ok = not has_rport or params["rport"] == str(peer.port)
+    if rport_ok and ((claimed is None and _same_host(top.host, host)) or claimed == host):
         return
     stamped = dict(params)
-    stamped["received"] = host  # the host differs, or rport asks for it regardless
-    if fill_rport:
+    if claimed is not None or not _same_host(top.host, host) or has_rport:
+        stamped["received"] = host
+    if has_rport:
         stamped["rport"] = str(peer.port)
     request.replace_top_via(Via(top.protocol, top.transport, top.host, top.port, stamped))
 
 
-def _in_dialog(request: Request) -> bool:
-    """A To tag marks an in-dialog request; REGISTER never belongs to a dialog.
+def _same_host(sent_by: str, source: str) -> bool:
+    if sent_by == source:
+        return True
+    return ":" in sent_by and normalize_host(sent_by) == source
 
-    The tag is read from the parsed To header: a ``tag=`` in a display name must not
-    exempt a request from the source guard.
+
+def _in_dialog(request: Request, dialog_exists: Callable[[str, str, str], bool] | None
+               ) -> bool:
+    """Does ``request`` belong to a dialog that exists (RFC 3261 §12.2.2)?
+
+    A To tag alone proves nothing: anyone can invent one, and a request for an unknown
+    dialog only earns a 481.  So a request is exempt from the source guard only when
+    ``dialog_exists(call_id, to_tag, from_tag)`` (the B2BUA's dialog table) knows its
+    dialog; without that lookup nothing is exempt.  REGISTER never belongs to a dialog.
+    The tag is read from the parsed To header (a ``tag=`` in a display name is not one).
     """
-    if request.method == "REGISTER":
+    if dialog_exists is None or request.method == "REGISTER":
         return False
     try:
-        return request.to.tag is not None
+        to_tag = request.to.tag
+        if to_tag is None:
+            return False
+        return dialog_exists(request.call_id, to_tag, request.from_.tag or "")
     except SIPParseError:
         return False
 
 
-def response_destination(response: Response, fallback: Peer) -> Peer:
-    """RFC 3261 §18.2.2 (with RFC 3581 rport): where a response goes without a connection."""
-    try:
-        via = response.top_via
-    except SIPParseError:
-        return fallback
-    transport = via.transport.lower()
-    host = via.params.get("received") or via.host
-    if transport == "udp" and via.rport is not None:
-        port = via.rport
-        if fallback.port == port and fallback.host == host and fallback.transport == "udp":
-            return fallback  # the usual case: answer where the request came from
-        return Peer("udp", host, port)
-    port = via.port or DEFAULT_PORTS.get(transport, 5060)
-    return Peer(transport if transport in DEFAULT_PORTS else fallback.transport, host, port)
+def response_destination(response: Response, peer: Peer) -> Peer:
+    """Where a response goes when it cannot use the request's connection.
+
+    UDP: the request's source, always.  TCP/TLS: the same transport to the request's
+    source IP, at the Via's sent-by port (RFC 3261 §18.2.2) or the transport's default;
+    never to a ``received``/``maddr`` host or another transport the sender names.
+    """
+    if peer.transport == "udp":
+        return peer
+    port = DEFAULT_PORTS.get(peer.transport, 5060)
+    with contextlib.suppress(SIPParseError):
+        port = response.top_via.port or port
+    return Peer(peer.transport, peer.host, port)
 
 
 class SIPTransport:
     """Owns the sockets of one SIP listener and routes messages in and out."""
 
-    def __init__(self, reactor: IReactorTCP | IReactorUDP, *,
-                 max_message_size: int = 65535, guard: SourceGuard | None = None,
-                 udp_receive_buffer: int = 4 << 20) -> None:
+    def __init__(self, reactor: Any, *, max_message_size: int = 65535,
+                 guard: SourceGuard | None = None, udp_receive_buffer: int = 4 << 20,
+                 limits: StreamLimits | None = None, clock: IReactorTime | None = None
+                 ) -> None:
         """``udp_receive_buffer``: SO_RCVBUF asked for the UDP socket (the kernel caps
-        it at net.core.rmem_max): requests queue there while the reactor is busy."""
+        it at net.core.rmem_max): requests queue there while the reactor is busy.
+        ``limits``: stream connection caps and deadlines (``max_message_size`` wins for
+        the read buffer).  ``clock``: for the connection deadlines (default: reactor)."""
         self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.udp_receive_buffer = udp_receive_buffer
         self.max_message_size = max_message_size
+        base = limits or StreamLimits()
+        self.limits = StreamLimits(base.max_connections, base.max_per_source,
+                                   base.header_timeout, base.idle_timeout,
+                                   base.max_write_buffer, max_message_size)
         self.guard = guard
         self.handler: MessageHandler | None = None
         self.stats = TransportStats.new()
         self.listening: list[tuple[str, str, int]] = []
+        self.tls_context: Any = None
         self._udp: SIPDatagramProtocol | None = None
+        self._udp_v6 = False
         self._ports: list[IListeningPort] = []
-        self._connections: dict[tuple[str, str, int], SIPStreamProtocol] = {}
+        self._connections = ConnectionTable(self.limits)
+        self._connecting: dict[tuple[str, str, int], SIPStreamFactory] = {}
 
     # -- sockets --------------------------------------------------------------------
     def listen(self, host: str, port: int) -> list[tuple[str, str, int]]:
         """Bind UDP and TCP on the same port; port 0 picks one free for both.
 
-        Raises ``CannotListenError`` when the port is taken.
+        ``::`` is dual-stack (IPv4 peers arrive IPv4-mapped).  Raises
+        ``CannotListenError`` when the port is taken.
         """
         attempts = 20 if port == 0 else 1
         for attempt in range(attempts):
             udp = SIPDatagramProtocol(self)
-            udp_port = self.reactor.listenUDP(port, udp, interface=host)
+            udp_port = self.reactor.listenUDP(port, udp, interface=host,
+                                              maxPacketSize=self.max_message_size + 1)
             _enlarge_receive_buffer(udp_port, self.udp_receive_buffer)
             bound = udp_port.getHost().port
             try:
-                tcp_port = self.reactor.listenTCP(bound, SIPStreamFactory(self),
+                tcp_port = self.reactor.listenTCP(bound, SIPStreamFactory(self, "tcp"),
                                                   interface=host)
             except CannotListenError:
                 udp_port.stopListening()
@@ -150,15 +210,27 @@ class SIPTransport:
                 continue
             break
         self._udp = udp
+        self._udp_v6 = ":" in host
         self._ports += [udp_port, tcp_port]
         self.listening = [("udp", host, bound), ("tcp", host, tcp_port.getHost().port)]
-        return self.listening
+        return list(self.listening)
+
+    def listen_tls(self, host: str, port: int, context: Any) -> tuple[str, str, int]:
+        """Serve SIP over TLS (RFC 3261 §26.2.1) with ``context`` (see
+        :class:`pbx.sip.tls.ReloadableServerContext`); port 0 picks a free one."""
+        tls_port = self.reactor.listenSSL(port, SIPStreamFactory(self, "tls"), context,
+                                          interface=host)
+        self.tls_context = context
+        self._ports.append(tls_port)
+        entry = ("tls", host, tls_port.getHost().port)
+        self.listening.append(entry)
+        return entry
 
     def stop_listening(self) -> None:
         for port in self._ports:
             port.stopListening()
         self._ports.clear()
-        for conn in list(self._connections.values()):
+        for conn in self._connections.values():
             if conn.transport is not None:
                 conn.transport.loseConnection()
         self._connections.clear()
@@ -178,14 +250,14 @@ class SIPTransport:
             return
         try:
             if isinstance(message, Request):
-                self.stats.received[message.method] += 1
+                self.stats.received[method_key(message.method)] += 1
                 stamp_via(message, peer)
                 if self.guard is not None and not self._admit(message, peer):
                     return
                 if self.handler is not None:
                     self.handler.handle_request(message, peer)
             else:
-                self.stats.received[str(message.status)] += 1
+                self.stats.received[_STATUS_KEYS.get(message.status, "other")] += 1
                 if self.handler is not None:
                     self.handler.handle_response(message, peer)
         except Exception:
@@ -197,12 +269,15 @@ class SIPTransport:
         state): out-of-dialog requests pass the per-source rate limit and block list.
 
         Rate-limited requests are dropped (answering a flood only amplifies it); a blocked
-        source gets 403 or silence, as configured.
+        source gets 403 or silence, as configured.  Only requests of dialogs that exist
+        skip the guard (see :func:`_in_dialog`): a To tag is not a pass.  ACK and CANCEL
+        are never answered with more than one response, so they are not limited.
         """
-        if request.method in ("ACK", "CANCEL") or _in_dialog(request):
+        guard = self.guard
+        assert guard is not None
+        if request.method in ("ACK", "CANCEL") or _in_dialog(request, guard.dialog_exists):
             return True
-        assert self.guard is not None
-        verdict = self.guard.check(peer.host)
+        verdict = guard.check(peer.host)
         if verdict is Verdict.ALLOW:
             return True
         if verdict is Verdict.REJECT:
@@ -217,7 +292,8 @@ class SIPTransport:
         return False
 
     def _reject(self, err: SIPParseError, peer: Peer) -> None:
-        """Answer a bad request with 400 (or 505/416/513) when its Via lets us route it."""
+        """Answer a bad request with 400 (or 505/416/513) to its real source, when it has
+        a readable top Via (the response must carry it, §8.2.6)."""
         request = err.partial if isinstance(err.partial, Request) else None
         try:
             if request is None or request.method == "ACK":
@@ -235,18 +311,18 @@ class SIPTransport:
     # -- outbound (MessageSender) ---------------------------------------------------
     def send_request(self, request: Request, peer: Peer) -> None:
         self._send(request.to_bytes(), peer)
-        self.stats.sent[request.method] += 1
+        self.stats.sent[method_key(request.method)] += 1
 
     def send_response(self, response: Response, peer: Peer) -> SentResponse:
-        """Send over the request's connection, else per §18.2.2; returns what was sent
-        so that a transaction can repeat it with :meth:`resend_response`."""
+        """Send on the request's connection, else per :func:`response_destination`;
+        returns what was sent so a transaction can repeat it (:meth:`resend_response`)."""
         data = response.to_bytes()
         status = response.status
         destination = peer
         if not (peer.reliable and self._write_connection(data, peer)):
             destination = response_destination(response, peer)
             self._send(data, destination)
-        self.stats.sent[_STATUS_KEYS.get(status) or str(status)] += 1
+        self.stats.sent[_STATUS_KEYS.get(status, "other")] += 1
         return SentResponse(data, peer, destination, status)
 
     def resend_response(self, sent: SentResponse) -> None:
@@ -254,48 +330,114 @@ class SIPTransport:
         retransmission)."""
         if not (sent.peer.reliable and self._write_connection(sent.data, sent.peer)):
             self._send(sent.data, sent.destination)
-        self.stats.sent[_STATUS_KEYS.get(sent.status) or str(sent.status)] += 1
+        self.stats.sent[_STATUS_KEYS.get(sent.status, "other")] += 1
 
     def _write_connection(self, data: bytes, peer: Peer) -> bool:
         conn = self._connections.get((peer.transport, peer.host, peer.port))
-        if conn is not None and conn.transport is not None:
-            conn.transport.write(data)
+        if conn is not None and conn.transport is not None and conn.closing is None:
+            conn.write(data)
             return True
         return False
 
     def _send(self, data: bytes, peer: Peer) -> None:
-        if peer.transport == "udp":
-            if self._udp is None or self._udp.transport is None:
+        transport = peer.transport
+        if transport == "udp":
+            udp = self._udp
+            if udp is None or udp.transport is None:
                 raise TransportError("UDP socket is closed")
+            host = peer.host
+            if ":" in host:
+                if not self._udp_v6:
+                    raise TransportError(f"no IPv6 SIP socket for {host}")
+            elif self._udp_v6:
+                host = "::ffff:" + host  # dual-stack socket (RFC 4291 §2.5.5.2)
             try:
-                self._udp.transport.write(data, (peer.host, peer.port))
+                udp.transport.write(data, (host, peer.port))
             except OSError as exc:
                 raise TransportError(str(exc)) from exc
             return
-        if peer.transport == "tcp":
-            conn = self._connections.get(("tcp", peer.host, peer.port))
-            if conn is not None and conn.transport is not None:
-                conn.transport.write(data)
+        if transport in STREAM_TRANSPORTS:
+            if self._write_connection(data, peer):
                 return
             self._connect_and_send(data, peer)
             return
-        raise TransportError(f"unsupported transport {peer.transport}")
+        raise TransportError(f"unsupported transport {transport}")
 
     def _connect_and_send(self, data: bytes, peer: Peer) -> None:
-        factory = SIPStreamFactory(self, pending=data)
-        self.reactor.connectTCP(peer.host, peer.port, factory, timeout=10)
+        """Open a connection of ``peer``'s transport (one per destination at a time; what
+        is sent meanwhile is queued, up to the write-buffer cap)."""
+        key = (peer.transport, peer.host, peer.port)
+        factory = self._connecting.get(key)
+        if factory is not None:
+            if not factory.queue(data):
+                raise TransportError(f"{peer.transport} connection to {peer} backlogged")
+            return
+        if peer.transport == "tls" and self.tls_context is None:
+            raise TransportError("SIP over TLS is not enabled")
+        if len(self._connections) + len(self._connecting) >= self.limits.max_connections:
+            self._refused("max_connections_outbound")
+            raise TransportError("connection table full")
+        factory = SIPStreamFactory(self, peer.transport, destination=peer,
+                                   on_failed=self._connect_failed)
+        factory.queue(data)
+        self._connecting[key] = factory
+        if peer.transport == "tls":
+            from pbx.sip.tls import client_context
+            self.reactor.connectSSL(peer.host, peer.port, factory, client_context(),
+                                    timeout=10)
+        else:
+            self.reactor.connectTCP(peer.host, peer.port, factory, timeout=10)
+
+    def connect_finished(self, destination: Peer, factory: SIPStreamFactory) -> None:
+        key = (destination.transport, destination.host, destination.port)
+        if self._connecting.get(key) is factory:
+            del self._connecting[key]
+
+    def _connect_failed(self, destination: Peer, why: str) -> None:
+        """§17.1.4: tell the transactions at once, not when Timer B runs out."""
+        callback: Callable[[Peer], None] | None = getattr(self.handler, "connection_failed",
+                                                          None)
+        if callback is not None:
+            try:
+                callback(destination)
+            except Exception:
+                log.exception("connection_failed handler")
 
     # -- connection table -----------------------------------------------------------
+    def accept_connection(self, kind: str, address: IAddress) -> bool:
+        """Caps and the block list, checked before a protocol exists."""
+        host = normalize_host(address.host)  # type: ignore[attr-defined]
+        refusal = self._connections.refusal(host)
+        if refusal is None and self.guard is not None and self.guard.is_blocked(host):
+            refusal = "blocked_source"
+        if refusal is not None:
+            self._refused(refusal)
+            log.debug("refused a %s connection from %s: %s", kind.upper(), host, refusal)
+            return False
+        return True
+
+    def _refused(self, why: str) -> None:
+        refused = self.stats.connections_refused
+        assert refused is not None
+        refused[why] += 1
+
     def connection_made(self, conn: SIPStreamProtocol) -> None:
-        self._connections[conn.key] = conn
+        self._connections.add(conn)
 
     def connection_lost(self, conn: SIPStreamProtocol) -> None:
-        if self._connections.get(conn.key) is conn:
-            del self._connections[conn.key]
+        self._connections.remove(conn)
 
     @property
     def open_connections(self) -> int:
         return len(self._connections)
+
+    def connections_from(self, host: str) -> int:
+        return self._connections.per_source(host)
+
+    def reload_tls(self) -> bool:
+        """Reload the TLS certificate (SIGHUP); False when TLS is off or the reload failed."""
+        context = self.tls_context
+        return bool(context is not None and context.reload())
 
 
 def _enlarge_receive_buffer(port: IListeningPort, size: int) -> None:
@@ -310,12 +452,9 @@ def _enlarge_receive_buffer(port: IListeningPort, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def _peer_of(transport: str, address: IAddress) -> Peer:
-    return Peer(transport, address.host, address.port)  # type: ignore[attr-defined]
-
-
 class SIPDatagramProtocol(protocol.DatagramProtocol):
-    """UDP: one datagram is one message (RFC 3261 §18.3)."""
+    """UDP: one datagram is one message (RFC 3261 §18.3); up to ``max_message_size``
+    bytes are read (a larger datagram is cut there and refused as too large)."""
 
     noisy = False  # we log our own one line per socket
 
@@ -325,60 +464,7 @@ class SIPDatagramProtocol(protocol.DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         if not datagram.strip(b"\r\n"):
             return  # RFC 5626 keep-alive
-        self.owner.message_received(datagram, Peer("udp", addr[0], addr[1]), datagram=True)
-
-
-class SIPStreamProtocol(protocol.Protocol):
-    """TCP: messages framed by Content-Length; the connection is reused for responses."""
-
-    def __init__(self, owner: SIPTransport, pending: bytes | None = None) -> None:
-        self.owner = owner
-        self.framer = StreamFramer(max_size=owner.max_message_size)
-        self.pending = pending
-        self.key: tuple[str, str, int] = ("tcp", "", 0)
-        self.peer = Peer("tcp", "", 0)
-
-    def connectionMade(self) -> None:
-        self.peer = _peer_of("tcp", self.transport.getPeer())
-        self.key = ("tcp", self.peer.host, self.peer.port)
-        self.owner.connection_made(self)
-        if self.pending:
-            self.transport.write(self.pending)
-            self.pending = None
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            frames = self.framer.feed(data)
-        except SIPParseError as err:
-            # The stream cannot be re-synchronised: report and close the connection.
-            log.debug("closing TCP connection from %s: %s", self.peer, err.reason)
-            self.owner.stats.dropped["stream_framing"] += 1
-            self.transport.loseConnection()
-            return
-        if self.framer.take_pings():
-            self.transport.write(b"\r\n")  # RFC 5626 §3.5.1 pong
-        for frame in frames:
-            self.owner.message_received(frame, self.peer, datagram=False)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.owner.connection_lost(self)
-
-
-class SIPStreamFactory(protocol.ClientFactory):
-    """Builds stream protocols for accepted and for outgoing connections."""
-
-    noisy = False
-
-    def __init__(self, owner: SIPTransport, pending: bytes | None = None) -> None:
-        self.owner = owner
-        self.pending = pending
-        self.on_failure: Callable[[Failure], None] | None = None
-
-    def buildProtocol(self, addr: IAddress) -> SIPStreamProtocol:
-        proto = SIPStreamProtocol(self.owner, self.pending)
-        proto.factory = self
-        return proto
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        log.info("TCP connection failed: %s", reason.getErrorMessage())
-        self.owner.stats.dropped["connect_failed"] += 1
+        host = addr[0]
+        if ":" in host:
+            host = normalize_host(host)
+        self.owner.message_received(datagram, Peer("udp", host, addr[1]), datagram=True)

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 TWISTD = Path(sys.executable).with_name("twistd")
-LISTEN_RE = re.compile(r"listening: SIP (UDP|TCP) on ([\d.]+):(\d+)")
+LISTEN_RE = re.compile(r"listening: SIP (UDP|TCP|TLS) on (\S+):(\d+)")
 
 
 @dataclass

@@ -3,7 +3,7 @@ routing (§18.2.2); plus the TCP protocol on an in-memory transport."""
 
 from __future__ import annotations
 
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from pbx.sip import Peer, Request, Response, parse
 from pbx.sip.transport import SIPTransport, response_destination, stamp_via
@@ -60,11 +60,12 @@ def test_udp_response_goes_to_received_and_rport() -> None:
     assert dest == Peer("udp", "198.51.100.9", 34567)
 
 
-def test_udp_response_without_rport_uses_sent_by_port() -> None:
+def test_udp_response_without_rport_still_goes_to_the_source() -> None:
+    """Never trust the Via: a UDP request is answered to where it came from."""
     req = request("SIP/2.0/UDP phone.example.com:5062;branch=z9hG4bK1")
     stamp_via(req, Peer("udp", "198.51.100.9", 34567))
     dest = response_destination(response_for(req), Peer("udp", "198.51.100.9", 34567))
-    assert dest == Peer("udp", "198.51.100.9", 5062)
+    assert dest == Peer("udp", "198.51.100.9", 34567)
 
 
 def test_default_port_when_sent_by_has_none() -> None:
@@ -83,11 +84,11 @@ def tcp_protocol() -> tuple[SIPTransport, StringTransport, list[Request]]:
         def handle_response(self, resp: Response, peer: Peer) -> None:
             raise AssertionError("no responses expected")
 
-    owner = SIPTransport(MemoryReactor())
+    owner = SIPTransport(MemoryReactorClock())
     owner.handler = Sink()
     from pbx.sip.transport import SIPStreamFactory
 
-    proto = SIPStreamFactory(owner).buildProtocol(None)  # type: ignore[arg-type]
+    proto = SIPStreamFactory(owner, "tcp").buildProtocol(_Addr("192.0.2.7", 45000))  # type: ignore[arg-type]
     wire = StringTransport(peerAddress=_Addr("192.0.2.7", 45000))
     proto.makeConnection(wire)
     return owner, wire, received
@@ -101,7 +102,7 @@ class _Addr:
 def test_tcp_stream_split_anywhere_and_keepalive_pong() -> None:
     owner, wire, received = tcp_protocol()
     data = request("SIP/2.0/TCP 192.0.2.7:45000;branch=z9hG4bK1").to_bytes()
-    proto = owner._connections[("tcp", "192.0.2.7", 45000)]
+    proto = owner._connections.get(("tcp", "192.0.2.7", 45000))
     proto.dataReceived(b"\r\n\r\n")
     assert wire.value() == b"\r\n"
     for i in range(len(data)):
@@ -112,7 +113,7 @@ def test_tcp_stream_split_anywhere_and_keepalive_pong() -> None:
 
 def test_tcp_broken_framing_closes_only_that_connection() -> None:
     owner, wire, received = tcp_protocol()
-    proto = owner._connections[("tcp", "192.0.2.7", 45000)]
+    proto = owner._connections.get(("tcp", "192.0.2.7", 45000))
     proto.dataReceived(b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h\r\n\r\n")
     assert wire.disconnecting
     assert owner.stats.dropped["stream_framing"] == 1
@@ -134,7 +135,7 @@ def guarded_transport(rate: float) -> tuple[SIPTransport, list[Request]]:
 
     guard = SourceGuard(SecurityPolicy(rate_limit=RateLimitPolicy(True, rate, 1)),
                         now=lambda: 0.0)
-    owner = SIPTransport(MemoryReactor(), guard=guard)
+    owner = SIPTransport(MemoryReactorClock(), guard=guard)
     owner.handler = Sink()
     return owner, received
 
