@@ -68,6 +68,11 @@ _RELAYED_HEADERS = ("Content-Type", "Info-Package", "Event", "Content-Dispositio
 _PENDING = object()
 
 
+def _bracket(host: str) -> str:
+    """An IPv6 literal in its URI/Via form ``[...]`` (RFC 3261 §25.1, RFC 5952 §6)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class B2BUA:
     """Calls between registered extensions, through our own two user agents."""
 
@@ -80,7 +85,8 @@ class B2BUA:
                  local_port: int = 5060, user_agent: str = "PBX", node: str = "pbx",
                  domain: str | None = None, guard: Any = None,
                  retry_after: int | None = None,
-                 wall: Callable[[], float] | None = None) -> None:
+                 wall: Callable[[], float] | None = None,
+                 local_host_for: Callable[[str], str] | None = None) -> None:
         self.clock = reactor
         self.transactions = transactions
         self.endpoint = endpoint
@@ -93,10 +99,12 @@ class B2BUA:
         self.ring_timeout = ring_timeout
         self.max_calls = max_calls
         self.local_host = local_host
+        # Our host toward a peer host (by its family, dual stack); None: local_host always.
+        self.local_host_for = local_host_for
         self.local_port = local_port
         self.user_agent = user_agent
         self.node = node
-        self.domain = domain or local_host
+        self.domain = domain or _bracket(local_host)
         self.guard = guard
         self.retry_after = retry_after if retry_after is not None else endpoint.retry_after
         self.branch_prefix = f"{MAGIC_COOKIE}pbx{secrets.token_hex(3)}"
@@ -148,14 +156,32 @@ class B2BUA:
         return len(ids)
 
     # -- helpers for the legs ------------------------------------------------------------
+    def host_toward(self, peer: Peer) -> str:
+        """Our address as ``peer`` can reach it: of its family when we are dual stack."""
+        pick = self.local_host_for
+        return pick(peer.host) if pick is not None else self.local_host
+
     def make_via(self, peer: Peer) -> str:
+        """Our Via toward ``peer``; an IPv6 sent-by is bracketed (RFC 3261 §25.1
+        IPv6reference), else the peer cannot parse it and its responses are lost."""
         branch = f"{self.branch_prefix}{secrets.token_hex(8)}"
-        return (f"SIP/2.0/{peer.transport.upper()} {self.local_host}:{self.local_port}"
-                f";branch={branch};rport")
+        return (f"SIP/2.0/{peer.transport.upper()} {_bracket(self.host_toward(peer))}:"
+                f"{self.local_port};branch={branch};rport")
 
     def contact(self, peer: Peer) -> str:
+        """Our Contact toward ``peer`` (bracketed IPv6 host, RFC 3261 §25.1)."""
         suffix = "" if peer.transport == "udp" else f";transport={peer.transport}"
-        return f"<sip:pbx@{self.local_host}:{self.local_port}{suffix}>"
+        return f"<sip:pbx@{_bracket(self.host_toward(peer))}:{self.local_port}{suffix}>"
+
+    def place_media(self, media: Any, caller: Peer, targets: list[Any]) -> None:
+        """Put each side's relay socket in the family of its SIP peer (before start):
+        the caller's flow, and the first fork target's (one offer goes to all forks)."""
+        place = getattr(media, "place", None)
+        if place is None:
+            return
+        place("a", caller.host)
+        if targets:
+            place("b", getattr(targets[0], "source_host", "") or None)
 
     def call_finished(self, call: Call) -> None:
         self.calls.pop(call.id, None)

@@ -594,6 +594,7 @@ class Call(TimedChartModel):
             return
         try:
             self.media = self.b2bua.media_factory(self._media_timed_out)
+            self.b2bua.place_media(self.media, self.caller.peer, route.targets)
             self.media.start()
         except Exception as exc:  # PortsExhausted or a broken media layer
             log.warning("call %s: no media session: %s", self.id, exc)

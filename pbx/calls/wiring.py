@@ -12,30 +12,110 @@ or ``pbx.config``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from pbx.calls.b2bua import B2BUA
 
-__all__ = ["advertised_host", "install_calls"]
+__all__ = ["LocalAddresses", "advertised_host", "install_calls"]
 
 log = logging.getLogger(__name__)
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _probe(family: socket.AddressFamily) -> str | None:
+    """The source address of the default route of ``family`` (no packet is sent for a
+    UDP connect); None when the family has no route."""
+    target = ("2001:db8::1", 9) if family == socket.AF_INET6 else ("192.0.2.1", 9)
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+def _is_ipv6(host: str) -> bool:
+    return ":" in host
 
 
 def advertised_host(bind_host: str, external: str | None) -> str:
     """The address put in Via, Contact and SDP: the configured external address, the
-    bind address when it is specific, else the address of the default route."""
+    bind address when it is specific, else the address of the default route (of the
+    bind address's family: ``::`` probes IPv6)."""
     if external:
         return external
-    if bind_host not in ("0.0.0.0", "::", ""):
+    if bind_host not in _WILDCARDS:
         return bind_host
+    if bind_host == "::":
+        return _probe(socket.AF_INET6) or "::1"
+    return _probe(socket.AF_INET) or "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAddresses:
+    """What the PBX calls itself toward a peer of each address family, and where media
+    for that family binds.
+
+    With ``sip.host: "::"`` the transport listens dual stack, so one PBX has two faces: an
+    IPv4 phone must see an IPv4 address in our Via sent-by, Contact and SDP ``c=``
+    (RFC 3261 §18.2.1: responses go to the sent-by; RFC 3264: media goes to ``c=``),
+    an IPv6 phone an IPv6 one.  :meth:`host_for` and :meth:`media_for` pick by the
+    peer's family; a family the PBX does not listen on falls back to the other one.
+    ``None`` marks a family the PBX has no address in.
+    """
+
+    ipv4: str | None
+    ipv6: str | None
+    media_ipv4: str | None
+    media_ipv6: str | None
+
+    @classmethod
+    def from_bind(cls, bind_host: str, external: str | None) -> LocalAddresses:
+        """From ``sip.host`` and ``sip.external_ip`` (an address of either family or a
+        host name, which then names the PBX toward every peer)."""
+        ext4 = ext6 = external or None
+        if external and _is_ip(external):
+            ext4, ext6 = (None, external) if _is_ipv6(external) else (external, None)
+        if bind_host in ("0.0.0.0", ""):
+            return cls(ext4 or _probe(socket.AF_INET) or "127.0.0.1", None,
+                       "0.0.0.0", None)
+        if bind_host == "::":  # dual stack: both families
+            return cls(ext4 or _probe(socket.AF_INET) or "127.0.0.1",
+                       ext6 or _probe(socket.AF_INET6) or "::1", "0.0.0.0", "::")
+        if _is_ipv6(bind_host):
+            return cls(None, ext6 or bind_host, None, bind_host)
+        return cls(ext4 or bind_host, None, bind_host, None)
+
+    @property
+    def primary(self) -> str:
+        """One address for where a single one is wanted (Call-ID, default domain)."""
+        return self.ipv4 or self.ipv6 or "127.0.0.1"
+
+    def host_for(self, peer_host: str) -> str:
+        """The host we put in Via/Contact/SDP toward ``peer_host`` (no brackets)."""
+        if _is_ipv6(peer_host):
+            return self.ipv6 or self.primary
+        return self.ipv4 or self.primary
+
+    def media_for(self, peer_host: str) -> tuple[str, str]:
+        """``(bind address, advertised address)`` of a relay leg toward ``peer_host``."""
+        six = _is_ipv6(peer_host) and self.media_ipv6 is not None
+        if six or self.media_ipv4 is None:
+            return self.media_ipv6 or "::", self.ipv6 or self.primary
+        return self.media_ipv4, self.ipv4 or self.primary
+
+
+def _is_ip(text: str) -> bool:
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("192.0.2.1", 9))  # no packet is sent for a UDP connect
-            return str(probe.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def install_calls(service: Any) -> B2BUA:
@@ -47,15 +127,16 @@ def install_calls(service: Any) -> B2BUA:
     calls = settings.calls
     rtp = settings.rtp
     reactor = service.reactor
-    host = advertised_host(sip.host, sip.external_ip)
+    local = LocalAddresses.from_bind(sip.host, sip.external_ip)
+    host = local.primary
     allocator = PortAllocator(rtp.port_min, rtp.port_max)
-    media_bind = sip.host if sip.host not in ("", "::") else "0.0.0.0"
+    media_bind, media_host = local.media_for(host)
     codecs = tuple(str(getattr(c, "value", c)) for c in rtp.codecs)
 
     def media_factory(on_timeout: Any) -> MediaSession:
-        return MediaSession(reactor, allocator, host=media_bind, advertise=host,
+        return MediaSession(reactor, allocator, host=media_bind, advertise=media_host,
                             codecs=codecs, media_timeout=float(calls.media_timeout),
-                            on_timeout=on_timeout)
+                            on_timeout=on_timeout, local_for=local.media_for)
 
     b2bua = B2BUA(
         reactor, service.transactions, service.endpoint, service.location,
@@ -64,7 +145,7 @@ def install_calls(service: Any) -> B2BUA:
         max_calls=int(calls.max_calls), local_host=host, local_port=sip.port or 5060,
         user_agent=sip.user_agent, node=service.node, domain=sip.domain,
         guard=getattr(service, "guard", None),
-        retry_after=int(settings.lifecycle.retry_after))
+        retry_after=int(settings.lifecycle.retry_after), local_host_for=local.host_for)
     b2bua.install()
     b2bua.allocator = allocator  # type: ignore[attr-defined]  # for metrics/health
 

@@ -25,6 +25,15 @@ Latching policy (symmetric RTP, anti-hijack) — per socket:
   SDP naming a different address (re-INVITE) re-opens the window; the same address keeps
   the lock.
 * A hold with ``c=0.0.0.0`` stops sending toward that side but keeps its lock.
+
+Address families: each leg's sockets are bound in the family of that leg's endpoint (the
+session decides, see :class:`~pbx.media.MediaSession`), so a call between an IPv4 and an
+IPv6 phone relays between an IPv4 and an IPv6 socket.  An IPv6 socket's ``recvfrom``
+gives ``(host, port, flowinfo, scope_id)``; rather than trimming that per packet (what
+Twisted's own ``udp.Port`` does), the signalled source is stored in the same four-field
+form once, when SDP is learned (:meth:`RelaySocket.address`), so the hot path's tuple
+compare stays one compare.  An IPv4 address signalled toward an IPv6 socket becomes its
+IPv4-mapped form (RFC 4291 §2.5.5.2), which a dual-stack ``::`` socket can reach.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ __all__ = ["RelayLeg", "RelaySocket", "RtcpSocket", "RtpSocket", "bind_leg", "li
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
+Address = tuple[str, int] | tuple[str, int, int, int]
 
 
 class RelaySocket(DatagramProtocol):
@@ -74,9 +83,20 @@ class RelaySocket(DatagramProtocol):
         self._mark = 0            # packets count when the current SDP was learned
         self._latch_until = 0.0
         self._latch_any = True    # any source IP may latch (signalled one not public)
+        self.ipv6 = False         # the socket is AF_INET6
+        self.wide = False         # sources arrive as IPv6 four-field tuples (RelayPort)
 
     def startProtocol(self) -> None:
         self.sendto = self.transport.socket.sendto  # type: ignore[union-attr]
+
+    def address(self, host: str, port: int) -> Address:
+        """``host:port`` in the form this socket's ``recvfrom`` reports and ``sendto``
+        takes (set-up time only, never per packet)."""
+        if not self.ipv6:
+            return (host, port)
+        if ":" not in host:
+            host = "::ffff:" + host  # IPv4-mapped: reachable from a dual-stack socket
+        return (host, port, 0, 0) if self.wide else (host, port)
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
         if addr == self.src:
@@ -110,8 +130,9 @@ class RelaySocket(DatagramProtocol):
         else:
             self.dropped += 1
 
-    def expect(self, addr: Address | None, latch_until: float) -> None:
-        """Learn the source SDP signalled (None: unknown, e.g. a host name)."""
+    def expect(self, host: str | None, port: int, latch_until: float) -> None:
+        """Learn the source SDP signalled (host None: unknown, e.g. a host name)."""
+        addr = self.address(host, port) if host is not None else None
         if addr is not None and addr == self.signalled and self.src is not None:
             self.dst = self.src  # same address again (or back from a null hold): keep lock
             return
@@ -119,7 +140,7 @@ class RelaySocket(DatagramProtocol):
         self.src = self.dst = addr
         self._mark = self.packets
         self._latch_until = latch_until
-        self._latch_any = addr is None or not ip_address(addr[0]).is_global
+        self._latch_any = host is None or not ip_address(host).is_global
 
     def hold_null(self) -> None:
         """RFC 2543 hold (c=0.0.0.0): send nothing toward this side, keep the latch."""
@@ -181,8 +202,13 @@ class RelayLeg:
             self.rtp.hold_null()
             self.rtcp.hold_null()
             return
-        self.rtp.expect((host, rtp_port) if host else None, latch_until)
-        self.rtcp.expect((rtcp_host, rtcp_port) if rtcp_host else None, latch_until)
+        self.rtp.expect(host or None, rtp_port, latch_until)
+        self.rtcp.expect(rtcp_host or None, rtcp_port, latch_until)
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether this leg's sockets are IPv6 (the family its endpoint was placed in)."""
+        return self.rtp.ipv6
 
     def close(self) -> list[Any]:
         """Stop both sockets (idempotent); the Deferreds fire once they are closed."""
@@ -198,7 +224,8 @@ class RelayPort(udp.Port):
     Twisted's ``doRead`` loops until ``recvfrom`` raises ``EAGAIN``; an RTP socket holds one
     packet per wake-up (50 packets/s), so that loop costs a raised and caught exception
     per packet.  Epoll is level-triggered: a second queued datagram simply makes the
-    socket ready again on the next reactor turn.
+    socket ready again on the next reactor turn.  IPv6 sources are handed on untrimmed
+    (four fields; the socket's keys have that form, see :meth:`RelaySocket.address`).
     """
 
     maxPacketSize = 2048  # RTP stays below the MTU; a smaller buffer is cheaper to allocate
@@ -215,11 +242,14 @@ class RelayPort(udp.Port):
 
 
 def _listen(reactor: Any, port: int, protocol: RelaySocket, host: str) -> Any:
-    if isinstance(reactor, PosixReactorBase) and ":" not in host:
+    """Bind ``host:port`` (an IPv6 literal gives an IPv6 socket, as Twisted decides)."""
+    protocol.ipv6 = ":" in host
+    if isinstance(reactor, PosixReactorBase):
+        protocol.wide = protocol.ipv6
         listening = RelayPort(port, protocol, host, 2048, reactor)
         listening.startListening()
         return listening
-    return reactor.listenUDP(port, protocol, interface=host)
+    return reactor.listenUDP(port, protocol, interface=host)  # trims IPv6 sources to 2
 
 
 def link_legs(a: RelayLeg, b: RelayLeg) -> None:

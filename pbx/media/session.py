@@ -5,6 +5,12 @@ the PBX to the session, which learns where that side wants media, returns the bo
 forward (our address, the other leg's port, the codec filter) and drives the relay.
 Behaviour with states lives in ``statecharts/rtp_session.yaml``; this class supplies the
 callbacks.  Timers go through the injected reactor, so tests drive them with a Clock.
+
+Address families: each side has its own bind address and advertised address, chosen
+before :meth:`MediaSession.start` with :meth:`MediaSession.place` from that side's SIP
+peer (the B2BUA knows it; ``local_for`` maps a peer host to the pair).  An IPv6 phone
+thus gets an IPv6 relay socket and ``c=IN IP6`` (RFC 4566 §5.7) while the IPv4 phone
+on the other end of the same call keeps IPv4; the relay copies between the two.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class MediaSession(TimedChartModel):
         on_timeout: Callable[[MediaSession], Any] | None = None,
         reap_delay: float = 32.0,
         bind_attempts: int = 16,
+        local_for: Callable[[str], tuple[str, str]] | None = None,
     ) -> None:
         super().__init__()
         self.clock = reactor
@@ -78,6 +85,10 @@ class MediaSession(TimedChartModel):
         self.allocator = allocator
         self.host = host
         self.advertise = advertise or host
+        self.local_for = local_for
+        # Per side: (bind address, advertised address); place() changes one side.
+        self.local: dict[str, tuple[str, str]] = {
+            "a": (host, self.advertise), "b": (host, self.advertise)}
         self.codecs = tuple(codecs)
         self.media_timeout = media_timeout
         self.hold_timeout = hold_timeout
@@ -104,13 +115,21 @@ class MediaSession(TimedChartModel):
         self._timed_out = False
 
     # -- public API ---------------------------------------------------------------------
+    def place(self, side: Side, peer_host: str | None) -> None:
+        """Put ``side``'s relay socket in the address family of its SIP peer (before
+        :meth:`start`); without ``local_for`` or a peer host the defaults stay."""
+        if self.state != "allocating":
+            raise RuntimeError("place() after start()")
+        if self.local_for is not None and peer_host:
+            self.local[side] = self.local_for(peer_host)
+
     def start(self) -> None:
         """Bind both legs' port pairs (PortsExhausted propagates, leaving nothing held)."""
         if self.state != "allocating":
             raise RuntimeError(f"media session already started (state {self.state})")
         try:
             for side in ("a", "b"):
-                self.legs[side] = bind_leg(self.reactor, self.allocator, self.host,
+                self.legs[side] = bind_leg(self.reactor, self.allocator, self.local[side][0],
                                            self.qos[side], attempts=self.bind_attempts)
         except Exception:
             self.fire("close")
@@ -264,11 +283,13 @@ class MediaSession(TimedChartModel):
                     rtcp_port = int(fields[0])
                     if len(fields) == 4:
                         rtcp_host = fields[3]
-        out = sdplib.rewrite_media(parsed, index, address=self.advertise,
-                            port=self.legs[other].port, origin=self._origin(other, 0),
-                            codecs=self.codecs)
-        self.legs[side].expect(_literal(host), media.port, _literal(rtcp_host), rtcp_port,
-                               self.clock.seconds() + self.nat_latch_window)
+        out = sdplib.rewrite_media(parsed, index, address=self.local[other][1],
+                                   port=self.legs[other].port,
+                                   origin=self._origin(other, 0), codecs=self.codecs)
+        leg, bind = self.legs[side], self.local[side][0]
+        leg.expect(_reachable(_literal(host), leg.ipv6, bind), media.port,
+                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port,
+                   self.clock.seconds() + self.nat_latch_window)
         self._tune_qos(side, out, index)
         key = sdplib.serialize(out)
         if other in self._last_sent and key != self._last_sent[other]:
@@ -281,9 +302,9 @@ class MediaSession(TimedChartModel):
     def _origin(self, side: str, version: int) -> sdplib.Origin:
         """Our o= line toward ``side`` (we are the offerer/answerer each leg sees)."""
         if side not in self._origins:
+            address = self.local[side][1]
             self._origins[side] = sdplib.Origin("pbx", self._sess_id, 1, "IN",
-                                         "IP6" if ":" in self.advertise else "IP4",
-                                         self.advertise)
+                                                "IP6" if ":" in address else "IP4", address)
         return replace(self._origins[side], version=version)
 
     def _tune_qos(self, side: str, sdp: sdplib.SessionDescription, index: int) -> None:
@@ -313,7 +334,7 @@ class MediaSession(TimedChartModel):
             "mos": estimate_mos(snap["loss_pct"], snap["jitter_ms"]) if rtp_packets else None,
             "rtcp_packets": leg.rtcp.packets if leg else 0,
             "dropped": (leg.rtp.dropped + leg.rtcp.dropped) if leg else 0,
-            "latched": f"{latched[0]}:{latched[1]}" if latched else None,
+            "latched": _hostport(latched[0], latched[1]) if latched else None,
         }
 
 
@@ -325,10 +346,37 @@ def _pick_stream(sdp: sdplib.SessionDescription) -> int:
     raise sdplib.SDPError("no audio stream in the offer")
 
 
+def _hostport(host: str, port: int) -> str:
+    """``host:port`` with an IPv6 host bracketed (the RFC 3986 authority form)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _literal(host: str | None) -> str | None:
-    """An IP literal the relay can compare source tuples with, else None (latch only)."""
+    """An IP literal the relay can compare source tuples with, else None (latch only).
+
+    RFC 5952 text form; an IPv4-mapped IPv6 address is given as its IPv4 address (the
+    relay socket maps it back if it is IPv6).
+    """
     if host in ("0.0.0.0", "::"):
         return host
     if host is None or not sdplib.is_ip_address(host):
         return None
-    return str(ipaddress.ip_address(host))
+    address = ipaddress.ip_address(host)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else address)
+
+
+def _reachable(literal: str | None, ipv6: bool, bind: str) -> str | None:
+    """``literal`` if the leg's socket can send to it, else None (latching only).
+
+    An IPv4 socket cannot reach an IPv6 address; an IPv6 socket reaches IPv4 addresses
+    (IPv4-mapped, RFC 4291 §2.5.5.2) only when bound dual-stack on ``::``.  A mismatch
+    means the phone signalled media in another family than it uses for SIP.
+    """
+    if literal is None or literal in ("0.0.0.0", "::"):
+        return literal
+    if (":" in literal) == ipv6 or (ipv6 and bind == "::"):
+        return literal
+    log.info("media address %s is not reachable from a relay socket on %s; "
+             "relaying to the latched source only", literal, bind)
+    return None
