@@ -36,10 +36,10 @@ from pbx.sip import (
     LocationService,
     Registrar,
     RegistrarPolicy,
+    ReloadableServerContext,
     SecurityPolicy,
     SIPEndpoint,
     SIPTransport,
-    ReloadableServerContext,
     SourceGuard,
     StreamLimits,
     TLSConfigError,
@@ -160,6 +160,7 @@ class PBXService(service.Service):
         self.transactions = TransactionManager(
             self.transport, self.endpoint, reactor,
             t1=sip.timers.t1, t2=sip.timers.t2, t4=sip.timers.t4,
+            timer_c=sip.timers.timer_c, max_transactions=sip.max_transactions,
         )
         self.transport.handler = self.transactions
         self.location = LocationService(reactor, self.store,

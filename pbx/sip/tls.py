@@ -46,8 +46,8 @@ def load_server_options(cert: Path, key: Path) -> ssl.CertificateOptions:
         raise TLSConfigError(f"sip.tls_cert/sip.tls_key unusable: {exc}") from exc
     try:
         return ssl.CertificateOptions(
-            privateKey=private.privateKey.original,
-            certificate=private.original,
+            privateKey=private.privateKey.original.to_cryptography_key(),
+            certificate=private.original.to_cryptography(),
             extraCertChain=chain,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
