@@ -34,8 +34,11 @@ from pbx.sip.codec import (
 from pbx.sip.dialog import Dialog, DialogId, DialogTable, new_tag
 from pbx.sip.endpoint import SIPEndpoint
 from pbx.sip.location import Binding, BindingPersistence, LocationService
+from pbx.sip.methods import KNOWN_METHODS, method_label, status_label
 from pbx.sip.registrar import Registrar, RegistrarPolicy
 from pbx.sip.sdp import SDPError, SessionDescription
+from pbx.sip.stream import StreamLimits
+from pbx.sip.tls import ReloadableServerContext, TLSConfigError
 from pbx.sip.transactions import (
     MAGIC_COOKIE,
     ClientTransaction,
@@ -48,11 +51,10 @@ from pbx.sip.transactions import (
     TransportError,
     new_branch,
 )
-from pbx.sip.stream import StreamLimits
-from pbx.sip.tls import ReloadableServerContext, TLSConfigError
 from pbx.sip.transport import SIPTransport
 
 __all__ = [
+    "KNOWN_METHODS",
     "MAGIC_COOKIE",
     "MAX_MESSAGE_SIZE",
     "URI",
@@ -78,8 +80,8 @@ __all__ = [
     "NonceState",
     "Peer",
     "Registrar",
-    "ReloadableServerContext",
     "RegistrarPolicy",
+    "ReloadableServerContext",
     "Request",
     "Response",
     "SDPError",
@@ -101,8 +103,10 @@ __all__ = [
     "Via",
     "compute_ha1",
     "make_response",
+    "method_label",
     "new_branch",
     "new_tag",
     "parse",
     "sdp",
+    "status_label",
 ]

@@ -40,6 +40,7 @@ from pbx.sip.abuse import SourceGuard, Verdict
 from pbx.sip.errors import SIPParseError
 from pbx.sip.headers import Via
 from pbx.sip.message import Request, Response, make_response, parse
+from pbx.sip.methods import method_label, status_label
 from pbx.sip.stream import (
     ConnectionTable,
     SIPStreamFactory,
@@ -53,17 +54,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 STREAM_TRANSPORTS = ("tcp", "tls")
-_STATUS_KEYS = {status: str(status) for status in range(100, 700)}
-# Metric label values for methods: RFC methods as themselves, anything else "other".
-_KNOWN_METHODS = frozenset({
-    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE",
-    "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
-})
-
-
-def method_key(method: str) -> str:
-    """Bounded counter key for a request method (unknown methods are ``other``)."""
-    return method if method in _KNOWN_METHODS else "other"
 
 
 class MessageHandler(TypingProtocol):
@@ -250,14 +240,14 @@ class SIPTransport:
             return
         try:
             if isinstance(message, Request):
-                self.stats.received[method_key(message.method)] += 1
+                self.stats.received[method_label(message.method)] += 1
                 stamp_via(message, peer)
                 if self.guard is not None and not self._admit(message, peer):
                     return
                 if self.handler is not None:
                     self.handler.handle_request(message, peer)
             else:
-                self.stats.received[_STATUS_KEYS.get(message.status, "other")] += 1
+                self.stats.received[status_label(message.status)] += 1
                 if self.handler is not None:
                     self.handler.handle_response(message, peer)
         except Exception:
@@ -311,7 +301,7 @@ class SIPTransport:
     # -- outbound (MessageSender) ---------------------------------------------------
     def send_request(self, request: Request, peer: Peer) -> None:
         self._send(request.to_bytes(), peer)
-        self.stats.sent[method_key(request.method)] += 1
+        self.stats.sent[method_label(request.method)] += 1
 
     def send_response(self, response: Response, peer: Peer) -> SentResponse:
         """Send on the request's connection, else per :func:`response_destination`;
@@ -322,7 +312,7 @@ class SIPTransport:
         if not (peer.reliable and self._write_connection(data, peer)):
             destination = response_destination(response, peer)
             self._send(data, destination)
-        self.stats.sent[_STATUS_KEYS.get(status, "other")] += 1
+        self.stats.sent[status_label(status)] += 1
         return SentResponse(data, peer, destination, status)
 
     def resend_response(self, sent: SentResponse) -> None:
@@ -330,7 +320,7 @@ class SIPTransport:
         retransmission)."""
         if not (sent.peer.reliable and self._write_connection(sent.data, sent.peer)):
             self._send(sent.data, sent.destination)
-        self.stats.sent[_STATUS_KEYS.get(sent.status, "other")] += 1
+        self.stats.sent[status_label(sent.status)] += 1
 
     def _write_connection(self, data: bytes, peer: Peer) -> bool:
         conn = self._connections.get((peer.transport, peer.host, peer.port))
