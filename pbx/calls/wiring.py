@@ -67,26 +67,35 @@ class LocalAddresses:
     an IPv6 phone an IPv6 one.  :meth:`host_for` and :meth:`media_for` pick by the
     peer's family; a family the PBX does not listen on falls back to the other one.
     ``None`` marks a family the PBX has no address in.
+
+    On a wildcard bind the address of a family is a guess (the default route's source)
+    unless ``sip.external_ip`` gives it; toward a loopback peer — on this host, talking
+    to us over ``lo`` — a guessed address is replaced by the loopback one of its family.
     """
 
     ipv4: str | None
     ipv6: str | None
     media_ipv4: str | None
     media_ipv6: str | None
+    guessed4: bool = False
+    guessed6: bool = False
 
     @classmethod
     def from_bind(cls, bind_host: str, external: str | None) -> LocalAddresses:
         """From ``sip.host`` and ``sip.external_ip`` (an address of either family or a
         host name, which then names the PBX toward every peer)."""
+        bind_host = _canonical(bind_host.strip("[]"))
         ext4 = ext6 = external or None
         if external and _is_ip(external):
+            external = _canonical(external)
             ext4, ext6 = (None, external) if _is_ipv6(external) else (external, None)
-        if bind_host in ("0.0.0.0", ""):
-            return cls(ext4 or _probe(socket.AF_INET) or "127.0.0.1", None,
-                       "0.0.0.0", None)
-        if bind_host == "::":  # dual stack: both families
-            return cls(ext4 or _probe(socket.AF_INET) or "127.0.0.1",
-                       ext6 or _probe(socket.AF_INET6) or "::1", "0.0.0.0", "::")
+        if bind_host in ("0.0.0.0", "", "::"):
+            ipv4 = ext4 or _probe(socket.AF_INET) or "127.0.0.1"
+            if bind_host != "::":
+                return cls(ipv4, None, "0.0.0.0", None, guessed4=ext4 is None)
+            ipv6 = ext6 or _probe(socket.AF_INET6) or "::1"  # dual stack: both families
+            return cls(ipv4, ipv6, "0.0.0.0", "::", guessed4=ext4 is None,
+                       guessed6=ext6 is None)
         if _is_ipv6(bind_host):
             return cls(None, ext6 or bind_host, None, bind_host)
         return cls(ext4 or bind_host, None, bind_host, None)
@@ -97,17 +106,33 @@ class LocalAddresses:
         return self.ipv4 or self.ipv6 or "127.0.0.1"
 
     def host_for(self, peer_host: str) -> str:
-        """The host we put in Via/Contact/SDP toward ``peer_host`` (no brackets)."""
+        """The host we put in Via/Contact/SDP toward ``peer_host`` (no brackets).
+
+        Called per request sent: string tests only (peer hosts arrive normalised by the
+        transport, RFC 5952 form, IPv4-mapped addresses as IPv4)."""
         if _is_ipv6(peer_host):
-            return self.ipv6 or self.primary
-        return self.ipv4 or self.primary
+            if self.ipv6 is None:
+                return self.primary
+            return "::1" if self.guessed6 and peer_host == "::1" else self.ipv6
+        if self.ipv4 is None:
+            return self.primary
+        return "127.0.0.1" if self.guessed4 and peer_host.startswith("127.") else self.ipv4
 
     def media_for(self, peer_host: str) -> tuple[str, str]:
-        """``(bind address, advertised address)`` of a relay leg toward ``peer_host``."""
+        """``(bind address, advertised address)`` of a relay leg toward ``peer_host``:
+        the socket in the peer's family, so media goes the way its signalling does."""
         six = _is_ipv6(peer_host) and self.media_ipv6 is not None
         if six or self.media_ipv4 is None:
-            return self.media_ipv6 or "::", self.ipv6 or self.primary
-        return self.media_ipv4, self.ipv4 or self.primary
+            return self.media_ipv6 or "::", self.host_for(peer_host)
+        return self.media_ipv4, self.host_for(peer_host)
+
+
+def _canonical(host: str) -> str:
+    """An IP literal in RFC 5952 text form (what the transport reports); else as given."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 def _is_ip(text: str) -> bool:

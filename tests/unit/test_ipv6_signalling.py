@@ -175,3 +175,22 @@ def test_an_ipv6_call_carries_bracketed_via_and_contact_to_the_callee() -> None:
     final = a.final()
     assert final is not None and final.status == 200
     assert final.contacts[0].uri.host == DUAL.host_for(V6_CALLER.host)
+
+
+def test_a_loopback_peer_of_a_wildcard_bind_gets_the_loopback_address() -> None:
+    """Guessed (probed) addresses give way to loopback toward a peer on this host; a
+    configured external address stays what everyone is told."""
+    local = LocalAddresses.from_bind("::", None)
+    assert local.host_for("::1") == "::1"
+    assert local.host_for("127.0.0.1") == "127.0.0.1"
+    assert local.media_for("::1") == ("::", "::1")
+    assert local.media_for("127.0.0.1") == ("0.0.0.0", "127.0.0.1")
+    assert DUAL.host_for("127.0.0.1") == "203.0.113.7"  # external IPv4 configured
+    assert DUAL.host_for("::1") == "::1"                 # IPv6 still guessed
+
+
+def test_bind_and_external_literals_are_taken_in_rfc5952_form() -> None:
+    local = LocalAddresses.from_bind("[0:0:0:0:0:0:0:1]", None)
+    assert local.host_for("::1") == "::1"
+    assert LocalAddresses.from_bind("::", "2001:DB8:0::1").host_for("2001:db8::9") == \
+        "2001:db8::1"
