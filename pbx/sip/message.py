@@ -13,7 +13,6 @@ Content-Length line is ignored on output and in equality), then the body.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -81,8 +80,6 @@ _RESPONSE_MANDATORY = ("Via", "To", "From", "Call-ID", "CSeq")
 # Headers that may appear at most once; also tracked for mandatory checks.
 _SINGLE = frozenset({"To", "From", "Call-ID", "CSeq", "Max-Forwards", "Content-Length"})
 _TRACKED = _SINGLE | {"Via"}
-_FOLD_RE = re.compile(r"[ \t]*\n[ \t]+")
-_FOLD_BYTES_RE = re.compile(rb"[ \t]*\r?\n[ \t]+")
 
 T = TypeVar("T")
 
@@ -347,12 +344,11 @@ def _parse(data: bytes, datagram: bool, max_size: int) -> Request | Response:
         raise SIPParseError("NUL in headers")
     if body is None:
         text = text.rstrip("\n")
-    if "\n " in text or "\n\t" in text:
-        # Unfold continuation lines in one linear pass (RFC 3261 §7.3.1); the start
-        # line is kept apart so a first header line starting with LWS stays an error.
-        nl = text.find("\n")
-        text = text[: nl + 1] + _FOLD_RE.sub(" ", text[nl + 1 :])
     lines = text.split("\n")
+    if "\n " in text or "\n\t" in text:
+        # Unfold continuation lines (RFC 3261 §7.3.1); the start line is kept apart
+        # so a first header line starting with LWS stays an error.
+        lines[1:] = _unfold(lines[1:])
     start = lines[0]
 
     # -- start line
@@ -399,6 +395,40 @@ def _parse(data: bytes, datagram: bool, max_size: int) -> Request | Response:
         if is_request:
             err.partial = _partial_request(method, uri, lines)
         raise
+
+
+def _unfold(lines: list[str]) -> list[str]:
+    """Join continuation lines onto the line they continue (RFC 3261 §7.3.1).
+
+    ``LWS = [*WSP CRLF] 1*WSP``: the line break, the blanks before it and the blanks
+    after it become one SP.  Every character is looked at a bounded number of times
+    and each logical line is joined once, so this is linear whatever the input; the
+    regex ``[ \\t]*\\n[ \\t]+`` it replaces restarts ``[ \\t]*`` at every blank of a
+    long run and was quadratic.  The output is what that substitution produced,
+    including for a continuation line made only of blanks: its blanks are consumed
+    by the fold before it, so the next fold does not strip the SP written there.
+    ``lines[0]`` is never a continuation (nothing precedes it).
+    """
+    out: list[str] = []
+    parts: list[str] = []  # the pieces of the logical line being joined
+    seg = lines[0]  # its last physical line, leading blanks already removed
+    for line in lines[1:]:
+        if line[:1] == " " or line[:1] == "\t":
+            parts.append(seg.rstrip(" \t"))
+            parts.append(" ")
+            seg = line.lstrip(" \t")
+            continue
+        if parts:
+            parts.append(seg)
+            seg = "".join(parts)
+            parts = []
+        out.append(seg)
+        seg = line
+    if parts:
+        parts.append(seg)
+        seg = "".join(parts)
+    out.append(seg)
+    return out
 
 
 def _parse_rest(lines: list[str], body: bytes | None, datagram: bool, is_request: bool,
@@ -563,6 +593,13 @@ class StreamFramer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def message_pending(self) -> bool:
+        """A message has begun and is not complete (keep-alive CRLFs do not count): what
+        a transport's header deadline measures."""
+        buf = self._buf
+        return bool(buf) and buf[0] not in (13, 10)
+
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
         buf += data
@@ -602,18 +639,13 @@ class StreamFramer:
 
     def _measure(self, buf: bytearray) -> int | None:
         """Size of the message at the head of ``buf`` once its header block is complete."""
-        start = max(0, self._scanned - 3)
-        end = buf.find(b"\r\n\r\n", start)
-        lf_end = buf.find(b"\n\n", start, end if end >= 0 else len(buf))
-        if lf_end >= 0:
-            head_len, sep_len = lf_end, 2
-        elif end >= 0:
-            head_len, sep_len = end, 4
-        else:
+        found = _find_header_end(buf, max(0, self._scanned - 3), self.max_size)
+        if found is None:
             if len(buf) > self.max_size:
                 raise SIPParseError("Message too large", status=513)
             self._scanned = len(buf)
             return None
+        head_len, sep_len = found
         if head_len > self.max_size:
             raise SIPParseError("Message too large", status=513)
         length = _stream_content_length(bytes(buf[:head_len]))
@@ -623,12 +655,71 @@ class StreamFramer:
         return total
 
 
+def _find_header_end(buf: bytearray, start: int, max_size: int) -> tuple[int, int] | None:
+    """First CRLFCRLF or LFLF at or after ``start``: (header length, separator length).
+
+    Linear in what it reads, however many frames ``buf`` holds: it searches windows
+    of doubling size for both separators, so it never reads much past the first
+    one (searching the whole buffer for CRLFCRLF when a frame ends in LFLF, once
+    per frame, was quadratic in the number of frames in one read).  Nothing is
+    searched beyond ``max_size``: a longer header block is refused anyway.
+    """
+    n = min(len(buf), max_size + 4)
+    pos = start
+    window = 4096
+    while pos < n:
+        stop = min(n, pos + window)
+        # separators *starting* in [pos, stop); they may end up to 3 bytes later
+        crlf = buf.find(b"\r\n\r\n", pos, stop + 3)
+        lf = buf.find(b"\n\n", pos, (crlf if crlf >= 0 else stop) + 1)
+        if lf >= 0:
+            return lf, 2
+        if crlf >= 0:
+            return crlf, 4
+        pos = stop
+        window *= 2
+    return None
+
+
+def _unfold_bytes(lines: list[bytes]) -> list[bytes]:
+    """:func:`_unfold` for raw header lines that may still end in CR.
+
+    The fold ``[ \t]*\r?\n[ \t]+`` also takes the CR of the CRLF: one trailing CR
+    is dropped before the blanks are, exactly as that pattern matched.
+    """
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    seg = lines[0]
+    for line in lines[1:]:
+        if line[:1] == b" " or line[:1] == b"\t":
+            parts.append((seg[:-1] if seg[-1:] == b"\r" else seg).rstrip(b" \t"))
+            parts.append(b" ")
+            seg = line.lstrip(b" \t")
+            continue
+        if parts:
+            parts.append(seg)
+            seg = b"".join(parts)
+            parts = []
+        out.append(seg)
+        seg = line
+    if parts:
+        parts.append(seg)
+        seg = b"".join(parts)
+    out.append(seg)
+    return out
+
+
 def _stream_content_length(head: bytes) -> int:
-    """Content-Length from a raw header block (the stream framer cannot parse fully yet)."""
+    """Content-Length from a raw header block (the stream framer cannot parse fully yet).
+
+    Folding (RFC 3261 §7.3.1) is undone first, over the whole block as the framer
+    always has (a first header line starting with LWS continues the start line).
+    """
+    lines = head.split(b"\n")
     if b"\n " in head or b"\n\t" in head:
-        head = _FOLD_BYTES_RE.sub(b" ", head)
+        lines = _unfold_bytes(lines)
     value: int | None = None
-    for raw in head.split(b"\n")[1:]:
+    for raw in lines[1:]:
         name, colon, rest = raw.partition(b":")
         if not colon or name[:1] in (b" ", b"\t"):
             continue

@@ -210,8 +210,11 @@ def parse(body: bytes | str) -> SessionDescription:
             if kind not in "icbka":
                 raise SDPError(f"{kind}= line not allowed in a media section")
             current.lines.append((kind, value))
+    # The session c= is looked up once: per media section it made a body of many
+    # session lines and many m= sections quadratic.
+    session_c = any(kind == "c" for kind, _ in sdp.lines)
     for media in sdp.media:
-        if media.connection is None and sdp.connection is None and media.port != 0:
+        if not session_c and media.port != 0 and not any(k == "c" for k, _ in media.lines):
             raise SDPError("media section without a connection address")
     return sdp
 
@@ -314,11 +317,19 @@ def filter_codecs(media: Media, allowed: Collection[str]) -> Media:
 
 def direction(sdp: SessionDescription, media: Media) -> str:
     """The stream's direction attribute: media level, else session level, else sendrecv."""
-    for name, value in media.attributes():
-        if value is None and name in DIRECTIONS:
-            return name
-    for value in sdp.values("a"):
-        if value in DIRECTIONS:
+    return _media_direction(media) or _session_direction(sdp)
+
+
+def _media_direction(media: Media) -> str | None:
+    for kind, value in media.lines:
+        if kind == "a" and value in DIRECTIONS:
+            return value
+    return None
+
+
+def _session_direction(sdp: SessionDescription) -> str:
+    for kind, value in sdp.lines:
+        if kind == "a" and value in DIRECTIONS:
             return value
     return "sendrecv"
 
@@ -334,10 +345,14 @@ def is_hold(sdp: SessionDescription, media: Media | None = None) -> bool:
     streams = [media] if media is not None else [m for m in sdp.media if m.port != 0]
     if not streams:
         return False
+    # Session-level values are computed once, not once per stream (linear in the body).
+    session_dir = _session_direction(sdp)
+    session_conn = sdp.connection
     for stream in streams:
-        if direction(sdp, stream) in ("sendonly", "inactive"):
+        if (_media_direction(stream) or session_dir) in ("sendonly", "inactive"):
             continue
-        if connection_address(sdp, stream) in ("0.0.0.0", "::"):
+        conn = stream.connection or session_conn
+        if conn is not None and conn.host in ("0.0.0.0", "::"):
             continue
         return False
     return True

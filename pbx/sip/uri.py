@@ -39,7 +39,10 @@ _NEEDS_QUOTE = {
     safe: re.compile("[^A-Za-z0-9" + re.escape(safe) + "]")
     for safe in (_USER_SAFE, _PASSWORD_SAFE, _PARAM_SAFE, _HEADER_SAFE, _TEL_SAFE)
 }
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+# One character class, so ``fullmatch`` cannot backtrack; the first/last character
+# rules of the hostname grammar are checked separately (see _is_hostname).
+_HOST_CHARS_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_HOST_EDGE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
 
@@ -52,6 +55,22 @@ def _esc(text: str, safe: str) -> str:
 
 def _unesc(text: str) -> str:
     return unquote(text, errors="surrogateescape") if "%" in text else text
+
+
+def _is_hostname(host: str) -> bool:
+    """RFC 3261 §25.1 ``hostname`` (plus ``_``, as deployed) or an IPv4 address.
+
+    ``alnum *( alnum / "_" / "." / "-" ) [alnum / "_"] ["."]``, checked without a
+    backtracking pattern: the body is one character class, the ends are tested
+    directly.  An optional final dot (a fully qualified name) is allowed once.
+    """
+    core = host[:-1] if host[-1:] == "." else host
+    if not core or core[0] not in _HOST_EDGE:
+        return False
+    if len(core) == 1:
+        return True
+    return (core[-1] == "_" or core[-1] in _HOST_EDGE) and \
+        _HOST_CHARS_RE.fullmatch(core) is not None
 
 
 def parse_hostport(text: str) -> tuple[str, int | None]:
@@ -69,7 +88,7 @@ def parse_hostport(text: str) -> tuple[str, int | None]:
         port_text = rest[1:]
     else:
         host, colon, port_text = text.partition(":")
-        if _HOSTNAME_RE.fullmatch(host) is None:
+        if not _is_hostname(host):
             raise SIPParseError("Invalid host")
         host = host.lower()
         if not colon:
@@ -83,7 +102,8 @@ def parse_hostport(text: str) -> tuple[str, int | None]:
 
 
 def _canonical_ipv6(text: str) -> str:
-    if not text or ":" not in text or not _IPV6_CHARS.issuperset(text):
+    # The longest IPv6 text form (with an embedded IPv4 quad) is 45 characters.
+    if not text or len(text) > 45 or ":" not in text or not _IPV6_CHARS.issuperset(text):
         raise SIPParseError("Invalid IPv6 reference")
     try:
         return str(ipaddress.IPv6Address(text))
