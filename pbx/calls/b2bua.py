@@ -129,6 +129,14 @@ class B2BUA:
         handlers["CANCEL"] = self.handle_cancel
         handlers["OPTIONS"] = self.handle_options
         self.endpoint.ack_handler = self.handle_ack
+        if self.guard is not None and hasattr(self.guard, "dialog_exists"):
+            self.guard.dialog_exists = self.dialog_exists  # only real dialogs skip limits
+
+    def dialog_exists(self, call_id: str, to_tag: str, from_tag: str) -> bool:
+        """Is there a dialog an incoming request with these identifiers belongs to (its
+        To tag is our local tag, RFC 3261 §12.2.2)?  The source guard asks this so that
+        a To tag alone never exempts a request from rate limiting."""
+        return self.dialogs.get((call_id, to_tag, from_tag)) is not None
 
     @property
     def active_calls(self) -> int:
@@ -233,6 +241,10 @@ class B2BUA:
         if digest is None or auth.precheck(digest, peer.host) is NonceState.INVALID:
             self._challenge(transaction, request, peer)
             return
+        locked = getattr(self.guard, "account_locked", None)
+        if locked is not None and locked(peer.host, digest.username):
+            self._challenge(transaction, request, peer)  # unchecked: no answer to a guess
+            return
         self._invites[transaction] = _PENDING
         d = maybeDeferred(self.credentials.credentials, digest.username)
         d.addCallback(self._authenticated, request, transaction, peer, digest)
@@ -240,9 +252,25 @@ class B2BUA:
 
     def _challenge(self, transaction: ServerTransaction, request: Request, peer: Peer, *,
                    stale: bool = False) -> None:
+        """407 with a fresh nonce (RFC 3261 §22.3), sent statelessly: an unauthenticated
+        INVITE must cost one response, not Timer G's eleven (§8.2.7, §17.2.1)."""
         self.challenges += 1
-        self._reply(transaction, request, 407, None,
-                    self.authenticator.challenge(peer.host, stale=stale, proxy=True))
+        self._reply_stateless(transaction, request, 407, self.authenticator.challenge(
+            peer.host, stale=stale, proxy=True))
+
+    def _reply_stateless(self, transaction: ServerTransaction, request: Request,
+                         status: int, headers: list[tuple[str, str]] | None = None) -> None:
+        """A final response that proves nothing about the sender (challenge, 481), sent
+        once with no state kept (RFC 3261 §8.2.7); its ACK is a stray and is dropped."""
+        respond = getattr(transaction, "respond_statelessly", None)
+        if respond is None:
+            self._reply(transaction, request, status, None, headers)
+            return
+        response = make_response(request, status, None, to_tag=new_tag())
+        for name, value in headers or ():
+            response.headers.add(name, value)
+        response.headers.add("Server", self.user_agent)
+        respond(response)
 
     def _lookup_failed(self, failure: Any, request: Request,
                        transaction: ServerTransaction) -> None:
@@ -260,7 +288,7 @@ class B2BUA:
             if outcome is AuthOutcome.FAILED:
                 self.auth_failures += 1
                 if self.guard is not None:
-                    self.guard.record_failure(peer.host)
+                    self.guard.record_failure(peer.host, digest.username)
             if outcome is AuthOutcome.DISABLED:
                 self._reply(transaction, request, 403, "Extension Disabled")
             else:
@@ -268,7 +296,7 @@ class B2BUA:
                                 stale=outcome is AuthOutcome.STALE)
             return
         if self.guard is not None:
-            self.guard.record_success(peer.host)
+            self.guard.record_success(peer.host, digest.username)
         user = digest.username
         if request.from_.uri is None or request.from_.uri.user != user:
             self._reply(transaction, request, 403, "From Does Not Match Credentials")
@@ -337,7 +365,7 @@ class B2BUA:
                          peer: Peer) -> None:
         found = self.dialogs.match(request)
         if found is None:
-            self._reply(transaction, request, 481)
+            self._reply_stateless(transaction, request, 481)  # §12.2.2, no Timer G
             return
         dialog, leg = found
         try:

@@ -70,7 +70,9 @@ class AuthSettings(Section):
 
 
 class BruteForceSettings(Section):
-    """Block a source address after repeated failed authentications."""
+    """Block a source (IPv4 address, IPv6 /64) after repeated failed authentications,
+    and lock an account after repeated failures from any sources (see
+    :mod:`pbx.sip.abuse` for the rules, including trusted networks)."""
 
     enabled: bool = True
     max_failures: int = Field(10, ge=1, json_schema_extra=fix_hint("use an integer >= 1"))
@@ -80,6 +82,9 @@ class BruteForceSettings(Section):
         "use seconds a source stays blocked, e.g. 600"))
     action: Literal["reject", "drop"] = Field("reject", json_schema_extra=fix_hint(
         "use reject (answer 403) or drop (stay silent)"))
+    success_memory: float = Field(3600.0, gt=0, json_schema_extra=fix_hint(
+        "use seconds a source that logged in to an account stays exempt from that "
+        "account's lock-out, e.g. 3600 (at least the phones' registration interval)"))
 
 
 class RateLimitSettings(Section):
@@ -98,7 +103,8 @@ class SecuritySettings(Section):
     fips_mode: bool = Field(False, json_schema_extra=fix_hint(
         "use true to allow only FIPS-approved algorithms (no MD5 digest)"))
     trusted_networks: list[str] = Field(default_factory=list, json_schema_extra=fix_hint(
-        "list CIDRs exempt from rate limits and blocking, e.g. your SIP load balancer"))
+        "list CIDRs exempt from rate limits and source blocks (account lock-outs still "
+        "apply), e.g. your SIP load balancer"))
     brute_force: BruteForceSettings = Field(default_factory=BruteForceSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 

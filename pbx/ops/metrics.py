@@ -39,7 +39,7 @@ JITTER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25)
 TRANSACTION_TYPES = ("ict", "nict", "ist", "nist")
 REGISTRAR_OUTCOMES = ("registrations", "unregistrations", "queries", "challenges",
                       "auth_failures", "forbidden", "rate_limited", "dropped", "rejected",
-                      "errors")
+                      "errors", "locked_out")
 
 
 class CallMetrics:
@@ -266,6 +266,14 @@ class PBXCollector(Collector):
                                   value=int(guard.get("rate_limited", 0)))
         yield _gauge("pbx_blocked_sources", "Sources blocked now",
                      int(guard.get("currently_blocked", 0)))
+        yield CounterMetricFamily("pbx_account_lockouts", "Times an account was locked "
+                                  "after repeated failures from any sources",
+                                  value=int(guard.get("account_lockouts", 0)))
+        yield CounterMetricFamily("pbx_account_locked_attempts", "Authentications "
+                                  "refused unchecked because the account was locked for "
+                                  "the source", value=int(guard.get("locked_attempts", 0)))
+        yield _gauge("pbx_locked_accounts", "Accounts locked now",
+                     int(guard.get("currently_locked_accounts", 0)))
 
 
 class MetricsExporter:

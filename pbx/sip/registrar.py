@@ -16,6 +16,9 @@ request walks these steps in order and stops at the first answer:
    user get the same ``401`` after the same work (a dummy HA1), and both count as a
    failure of the source.  A right password on a stale nonce (or a replayed nc) gets
    ``401`` with ``stale=true``.  A disabled extension with the right password: ``403``.
+   An account locked for this source (:meth:`~pbx.sip.abuse.SourceGuard.account_locked`)
+   gets the plain ``401`` without its response being checked.  Every ``401`` is sent
+   statelessly (RFC 3261 §8.2.7): one response per request, no state kept.
 4. **Authorisation** (step 4): the authenticated user must own the To AOR, else ``403``.
 5. **Contacts** (steps 6-7): ``*`` only alone and with ``Expires: 0`` (else ``400``);
    expiry is the contact's ``expires`` parameter, else the ``Expires`` header, else
@@ -104,6 +107,7 @@ class RegistrarStats:
     dropped: int = 0         # blocked, answered with silence
     rejected: int = 0        # 400, 404, 420, 423, 500 (out of order)
     errors: int = 0          # 500 after an internal error (logged)
+    locked_out: int = 0      # 401 unchecked: the account is locked for this source
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -214,7 +218,19 @@ class Registrar:
                                              to_tag=self.tag_factory(), extra=extra))
 
     def _challenge(self, ex: _Exchange, *, stale: bool = False) -> None:
-        self._reply(ex, 401, None, self.authenticator.challenge(ex.peer.host, stale=stale))
+        """401 with a fresh nonce (RFC 3261 §22.1), sent statelessly (§8.2.7) when the
+        transaction can: a challenge proves nothing about the sender, so it must not
+        hold a completed transaction for Timer J; a retransmitted REGISTER simply gets
+        a new challenge."""
+        headers = self.authenticator.challenge(ex.peer.host, stale=stale)
+        respond = getattr(ex.transaction, "respond_statelessly", None)
+        if respond is None or ex.answered:
+            self._reply(ex, 401, None, headers)
+            return
+        ex.answered = True
+        headers.append(("Server", self.user_agent))
+        respond(make_response(ex.request, 401, None, to_tag=self.tag_factory(),
+                              extra=headers))
 
     def _drop(self, ex: _Exchange) -> None:
         """Stay silent towards a blocked source.  The transaction must still end: use
@@ -293,6 +309,13 @@ class Registrar:
             self.stats.challenges += 1
             self._challenge(ex)
             return
+        if self.guard is not None and self.guard.account_locked(ex.peer.host,
+                                                                digest.username):
+            # Locked for this source: a plain challenge without checking the response,
+            # so a right guess looks like a wrong one (see pbx.sip.abuse).
+            self.stats.locked_out += 1
+            self._challenge(ex)
+            return
         if self._peek is not None:
             cached = self._peek(digest.username)
             if cached is not _MISS:
@@ -345,7 +368,7 @@ class Registrar:
             if outcome is AuthOutcome.FAILED:
                 self.stats.auth_failures += 1
                 if self.guard is not None:
-                    self.guard.record_failure(host)
+                    self.guard.record_failure(host, digest.username)
                 self._challenge(ex)
             elif outcome is AuthOutcome.STALE:
                 self.stats.challenges += 1
@@ -357,7 +380,7 @@ class Registrar:
                 self._challenge(ex)
             return
         if self.guard is not None:
-            self.guard.record_success(host)
+            self.guard.record_success(host, digest.username)
         # step 4: may this user touch this AOR?
         if not self.owns(digest.username, aor):
             raise _Reject(403, "Not Your Address Of Record")

@@ -386,6 +386,37 @@ class ServerTransaction(Transaction):
                 log.debug("%r: transport error: %s", self, exc)
                 self.fire("transport_error")
 
+    def abandon(self) -> None:
+        """Forget this transaction at once, sending nothing more (outcome
+        ``'stateless'``): a blocked source gets silence, or the TU answered statelessly.
+
+        Not a chart transition: like :meth:`TransactionManager.close`, the transaction
+        simply stops existing; responses the TU sends afterwards are discarded, and a
+        retransmitted request is a new request (RFC 3261 §8.2.7).
+        """
+        if self.state == TERMINATED:
+            return
+        self.cancel_timers()
+        self.outcome = "stateless"
+        previous, self.state = self.state, TERMINATED
+        self.state_changed(previous)
+
+    def respond_statelessly(self, response: Response) -> None:
+        """Send ``response`` once and keep no state (RFC 3261 §8.2.7 stateless UAS).
+
+        For answers that prove nothing about the sender (a 401/407 challenge, a 481 for
+        a dialog that does not exist): a 3xx-6xx to an INVITE sent through the
+        transaction would be retransmitted by Timer G for 32 s to whoever the source
+        claims to be.  A retransmission of the request is handled as a new request and
+        gets one new answer; the ACK of this response matches nothing and reaches the
+        TU as a stray ACK, which drops it.
+        """
+        self.abandon()
+        try:
+            self.manager.sender.send_response(response, self.peer)
+        except TransportError as exc:
+            log.debug("%r: stateless %d not sent: %s", self, response.status, exc)
+
     def _tell(self, method: str) -> None:
         callback = getattr(self.manager.tu, method, None)
         if callback is not None:

@@ -225,11 +225,11 @@ class Harness:
         self._seen = 0
 
     # SourceGuard's recording interface
-    def record_failure(self, host: str) -> bool:
+    def record_failure(self, host: str, account: str | None = None) -> bool:
         self.failures.append(host)
         return False
 
-    def record_success(self, host: str) -> None:
+    def record_success(self, host: str, account: str | None = None) -> None:
         self.successes.append(host)
 
     def register(self, number: str, peer: Peer) -> None:

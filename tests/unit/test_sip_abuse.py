@@ -111,24 +111,26 @@ def test_block_ends_after_block_time() -> None:
     assert g.stats.currently_blocked == 0
 
 
-def test_success_forgives_earlier_failures() -> None:
+def test_success_forgives_earlier_failures_of_the_same_account() -> None:
     now = Now()
     g = guard(now, max_failures=3)
-    g.record_failure(PHONE)
-    g.record_failure(PHONE)
-    g.record_success(PHONE)
-    assert g.record_failure(PHONE) is False
+    g.record_failure(PHONE, "1001")
+    g.record_failure(PHONE, "1001")
+    g.record_success(PHONE, "1001")
+    assert g.record_failure(PHONE, "1001") is False
     assert g.check(PHONE) is Verdict.ALLOW
 
 
 def test_trusted_networks_are_exempt_from_limits_and_blocks() -> None:
+    """Exempt from rate limits and source blocks; their failures still count (for
+    account lock-outs, see test_sip_bruteforce.py)."""
     now = Now()
     g = guard(now, burst=1, max_failures=1, trusted=("10.0.0.0/8", "2001:db8::/32"))
     for host in ("10.1.2.3", "2001:db8::5"):
         assert all(g.check(host) is Verdict.ALLOW for _ in range(50))
-        assert g.record_failure(host) is False
+        assert g.record_failure(host, "1001") is False
         assert g.check(host) is Verdict.ALLOW
-    assert g.stats.auth_failures == 0
+    assert g.stats.auth_failures == 2 and g.stats.blocks_started == 0
     assert g.check("11.0.0.1") is Verdict.ALLOW
     assert g.check("11.0.0.1") is Verdict.RATE_LIMITED
 

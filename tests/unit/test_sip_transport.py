@@ -154,4 +154,8 @@ def test_guard_is_not_bypassed_by_tag_in_display_name_or_on_register() -> None:
     assert owner.stats.dropped["rate_limited"] == 2
     in_dialog = base.replace(b"To: <sip:pbx@10.0.0.1>", b"To: <sip:pbx@10.0.0.1>;tag=abc")
     owner.message_received(in_dialog, peer, datagram=True)
-    assert len(received) == 2  # a real To tag on a non-REGISTER is in-dialog: not limited
+    assert len(received) == 1  # a To tag of a dialog that does not exist: still limited
+    assert owner.guard is not None
+    owner.guard.dialog_exists = lambda call_id, to_tag, from_tag: to_tag == "abc"
+    owner.message_received(in_dialog, peer, datagram=True)
+    assert len(received) == 2  # the dialog exists: in-dialog, not limited
