@@ -18,6 +18,12 @@ Schema, per state (``timers`` is a list)::
         backoff: 2       # optional: after each expiry re-arm with interval * backoff...
         cap: T2          # ...at most this (an ``after``-style expression)
         repeat: true     # optional: after each expiry re-arm with ``after`` again
+        restart_on: [t]  # optional: these triggers, handled without leaving the state,
+                         # re-arm the timer from ``after`` (RFC 3261 §16.7: Timer C is
+                         # reset by each provisional response)
+        stop_on: [t]     # optional: these triggers, handled without leaving the state,
+                         # cancel the timer for the rest of the state (a deadline that
+                         # only the first answer of the TU has to meet)
         doc: ...         # optional, ignored
 
 Semantics:
@@ -32,6 +38,9 @@ Semantics:
   its spec repeats (``repeat`` or ``backoff``), it is re-armed.
 * A delay of zero (e.g. Timer K over TCP) expires as soon as the current transition has
   completed, without a reactor turn.
+* ``restart_on``/``stop_on`` act after a transition that stays in the state (internal
+  or reflexive) and ran; a guard that refused the transition leaves the timer alone.
+  A stopped timer is armed again only when the state is entered anew.
 * Run-to-completion: a trigger fired from inside a callback (a transport error while
   sending, a zero timer) is queued and processed after the current transition, so
   callbacks never run in the middle of another transition.  An exception from a
@@ -62,12 +71,14 @@ __all__ = [
     "TimedChartModel",
     "TimerSpec",
     "compile_delay",
+    "compile_timer_hooks",
     "compile_timers",
 ]
 
 Delay = Callable[[Any], "float | None"]
 
-_SPEC_KEYS = {"name", "after", "trigger", "reliable", "backoff", "cap", "repeat", "doc"}
+_SPEC_KEYS = {"name", "after", "trigger", "reliable", "backoff", "cap", "repeat",
+              "restart_on", "stop_on", "doc"}
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -131,6 +142,8 @@ class TimerSpec:
     backoff: float | None = None
     cap: Delay | None = None
     repeat: bool = False
+    restart_on: frozenset[str] = frozenset()
+    stop_on: frozenset[str] = frozenset()
 
     def applies(self, model: Any) -> bool:
         return self.reliable is None or bool(model.reliable) is self.reliable
@@ -150,6 +163,8 @@ class TimerSpec:
 
 
 TimerTable = dict[str, dict[str, tuple[TimerSpec, ...]]]
+# (state, trigger) -> ((timer name, restart: True / stop: False), ...)
+TimerHooks = dict[tuple[str, str], tuple[tuple[str, bool], ...]]
 
 
 def compile_timers(chart: Chart) -> TimerTable:
@@ -171,6 +186,23 @@ def compile_timers(chart: Chart) -> TimerTable:
         if by_name:
             table[state] = {name: tuple(options) for name, options in by_name.items()}
     return table
+
+
+def compile_timer_hooks(table: TimerTable) -> TimerHooks:
+    """The ``restart_on``/``stop_on`` declarations as (state, trigger) -> actions."""
+    hooks: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for state, timers in table.items():
+        for name, options in timers.items():
+            for spec in options:
+                for trigger in spec.restart_on:
+                    action = (name, True)
+                    if action not in hooks.setdefault((state, trigger), []):
+                        hooks[(state, trigger)].append(action)
+                for trigger in spec.stop_on:
+                    action = (name, False)
+                    if action not in hooks.setdefault((state, trigger), []):
+                        hooks[(state, trigger)].append(action)
+    return {key: tuple(actions) for key, actions in hooks.items()}
 
 
 def _compile_spec(chart: Chart, state: str, raw: Any) -> TimerSpec:
@@ -197,6 +229,20 @@ def _compile_spec(chart: Chart, state: str, raw: Any) -> TimerSpec:
     if reliable is not None and not isinstance(reliable, bool):
         raise ChartError(f"{where}: reliable must be true or false")
     cap = raw.get("cap")
+    hooks: dict[str, frozenset[str]] = {}
+    for key in ("restart_on", "stop_on"):
+        value = raw.get(key) or []
+        if isinstance(value, str) or not isinstance(value, list):
+            raise ChartError(f"{where}: {key} must be a list of triggers")
+        for hook in value:
+            if not any(t["trigger"] == hook
+                       and (t["source"] == "*" or state in _as_list(t["source"]))
+                       for t in chart.transitions):
+                raise ChartError(f"{where}: {key} names {hook!r}, which has no "
+                                 f"transition from {state!r}")
+        hooks[key] = frozenset(str(v) for v in value)
+    if hooks["restart_on"] & hooks["stop_on"]:
+        raise ChartError(f"{where}: a trigger cannot both restart and stop a timer")
     return TimerSpec(
         name=str(raw["name"]),
         trigger=trigger,
@@ -206,6 +252,8 @@ def _compile_spec(chart: Chart, state: str, raw: Any) -> TimerSpec:
         backoff=float(backoff) if backoff is not None else None,
         cap=compile_delay(cap) if cap is not None else None,
         repeat=bool(raw.get("repeat", False)),
+        restart_on=hooks["restart_on"],
+        stop_on=hooks["stop_on"],
     )
 
 
@@ -340,6 +388,7 @@ class TimedChartModel(ChartModel):
 
     clock: IReactorTime
     _timer_table: ClassVar[TimerTable]
+    _timer_hooks: ClassVar[TimerHooks] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -350,6 +399,7 @@ class TimedChartModel(ChartModel):
     def _compile(cls) -> None:
         super()._compile()
         cls._timer_table = compile_timers(cls._chart)
+        cls._timer_hooks = compile_timer_hooks(cls._timer_table)
 
     # -- firing ---------------------------------------------------------------------
     def fire(self, trigger: str, *args: Any, **kwargs: Any) -> bool:
@@ -407,13 +457,31 @@ class TimedChartModel(ChartModel):
             if event is not None and previous not in event.transitions:
                 return False
         try:
-            return ChartModel.fire(self, trigger, *args, **kwargs)
+            result = ChartModel.fire(self, trigger, *args, **kwargs)
         finally:
             # Even when a callback raised, the state it reached gets its timers: a model
             # must never sit in a state without the timers that end it.
             if self.state != previous:
                 self._sync_timers()
                 self.state_changed(previous)
+        if result and self._timer_hooks and self.state == previous:
+            hooks = self._timer_hooks.get((previous, trigger))
+            if hooks is not None:
+                self._apply_timer_hooks(hooks)
+        return result
+
+    def _apply_timer_hooks(self, hooks: tuple[tuple[str, bool], ...]) -> None:
+        running = self._running_timers
+        for name, restart in hooks:
+            entry = running.pop(name, None)
+            if entry is not None:
+                _cancel(entry)
+            if not restart:
+                continue
+            for spec in self._timer_table[self.state][name]:
+                if spec.applies(self):
+                    self._arm(spec, spec.after(self))
+                    break
 
     # -- timers ---------------------------------------------------------------------
     def _sync_timers(self) -> None:

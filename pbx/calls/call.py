@@ -428,6 +428,14 @@ class CalleeLeg(Leg):
     def transaction_timeout(self, transaction: ClientTransaction) -> None:
         self._gone(408, "Request Timeout")
 
+    def timer_c_fired(self, transaction: ClientTransaction) -> None:
+        """RFC 3261 §16.8: the callee sent provisionals but no final response for Timer C
+        (``sip.timers.timer_c``): CANCEL it and count this fork as a 408 (the caller
+        gets 408 when no other fork is left).  The transaction stays to ACK the 487."""
+        self.cancel_wanted = True  # a 2xx that still comes is refused (ACK + BYE)
+        self._send_cancel()
+        self._gone(408, "Request Timeout")
+
     def transaction_transport_error(self, transaction: ClientTransaction) -> None:
         self._gone(503, "Service Unavailable")
 

@@ -116,6 +116,10 @@ class SipTimers(_Section):
     t1: float = Field(0.5, json_schema_extra=_fix("use a number of seconds greater than 0"))
     t2: float = Field(4.0, json_schema_extra=_fix("use a number of seconds >= sip.timers.t1"))
     t4: float = Field(5.0, json_schema_extra=_fix("use a number of seconds greater than 0"))
+    # RFC 3261 §16.6: how long an outgoing INVITE may ring without a provisional response
+    # resetting it before it is CANCELled (callee gets CANCEL, caller 408); > 3 minutes.
+    timer_c: float = Field(180.0, gt=0, le=86_400, json_schema_extra=_fix(
+        "use seconds an INVITE may go unanswered after a provisional, e.g. 180"))
 
     @model_validator(mode="after")
     def _check_order(self) -> SipTimers:
@@ -186,6 +190,11 @@ class SipSettings(_Section):
         65535, ge=1024, le=1_048_576,
         json_schema_extra=_fix("use an integer between 1024 and 1048576"),
     )
+    # Cap of the server and of the client transaction table, each: beyond it new
+    # requests get 503 + Retry-After statelessly.  ~100,000 server transactions are
+    # alive at 3,000 REGISTER/s (Timer J), hence the default.
+    max_transactions: int = Field(200_000, ge=100, le=10_000_000, json_schema_extra=_fix(
+        "use the most live SIP transactions per direction, e.g. 200000"))
     timers: SipTimers = Field(default_factory=SipTimers)
     tcp: SipTcpSettings = Field(default_factory=SipTcpSettings)
 

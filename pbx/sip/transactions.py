@@ -8,6 +8,14 @@ transaction costs a model object, not a machine (see ``scripts/bench_transaction
 The layer is sans-IO: messages come in through :meth:`TransactionManager.handle_request`
 and :meth:`~TransactionManager.handle_response`, go out through a :class:`MessageSender`
 (the transport), and time is an injected ``IReactorTime``.
+
+Edge rules kept here (DESIGN.md "every table has a cap"): the server and the client
+table each hold at most ``max_transactions``; a request that would create one more
+server transaction is answered 503 + Retry-After statelessly, a client request beyond
+the cap is reported to its user as a transport error.  Server transactions whose TU
+never answers end by the charts' ``deadline`` timer with a 500.  Merged requests
+(RFC 3261 §8.2.2.2) are found through an index of the pending out-of-dialog server
+transactions, bounded by the server table.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pbx.sip.message import Request, Response, make_response, parse
 from pbx.statechart_timers import TimedChartModel
 
 __all__ = [
+    "DEFAULT_MAX_TRANSACTIONS",
     "MAGIC_COOKIE",
     "ClientTransaction",
     "ClientTransactionUser",
@@ -53,6 +62,10 @@ MAGIC_COOKIE = "z9hG4bK"
 TERMINATED = "terminated"
 _RELIABLE = frozenset({"tcp", "tls", "sctp", "ws", "wss"})
 _DEFAULT_PORTS = {"TLS": 5061, "WSS": 443, "WS": 80}
+# Per table (server, client).  Sized from measurement, not guessed: at the 3,000
+# REGISTER/s this PBX sustains, about 100,000 non-INVITE server transactions wait out
+# Timer J (32 s) at any moment, so a smaller cap would refuse load we can carry.
+DEFAULT_MAX_TRANSACTIONS = 200_000
 
 
 def new_branch() -> str:
@@ -131,10 +144,15 @@ class ClientTransactionUser(Protocol):
         """A provisional or final response (retransmitted non-2xx finals are absorbed)."""
 
     def transaction_timeout(self, transaction: ClientTransaction) -> None:
-        """Timer B or F (or the ICT's Timer C guard) fired."""
+        """Timer B or F fired (or Timer C, for a user without ``timer_c_fired``)."""
 
     def transaction_transport_error(self, transaction: ClientTransaction) -> None:
-        """The request or the ACK could not be sent."""
+        """The request or the ACK could not be sent (also: a TCP/TLS connection to the
+        peer failed, §17.1.4, or the client table is full)."""
+
+    # Optional (looked up with getattr): ``timer_c_fired(transaction)``, Timer C of an
+    # INVITE fired after a provisional response: the user should CANCEL the INVITE
+    # (RFC 3261 §16.8); the transaction stays alive to ACK the final response.
 
 
 @dataclass
@@ -149,9 +167,15 @@ class TransactionStats:
     stray_responses: int = 0
     stray_acks: int = 0
     dropped: int = 0
+    # Refused because the table was full, per type: server requests answered 503
+    # statelessly, client requests reported as transport errors.
+    overloaded: Counter[str] = field(default_factory=Counter)
+    merged_requests: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "overloaded": dict(self.overloaded),
+            "merged_requests": self.merged_requests,
             "created": dict(self.created),
             "terminated": {k: dict(v) for k, v in self.terminated.items()},
             "retransmissions_sent": dict(self.retransmissions_sent),
@@ -169,10 +193,14 @@ class Transaction(TimedChartModel):
     """What the four transaction types share: identity, timer values, sending, ending.
 
     ``outcome`` becomes ``'timeout'`` or ``'transport_error'`` when the transaction ends
-    that way, and stays ``'completed'`` otherwise.
+    that way (``'tu_timeout'``: a server transaction answered 500 itself because its TU
+    never did), and stays ``'completed'`` otherwise.
     """
 
     kind: ClassVar[str]
+    # (Call-ID, From tag, CSeq number, method) of an out-of-dialog server request, for
+    # RFC 3261 §8.2.2.2; a class default so that other transactions pay nothing.
+    merge_key: tuple[str, str | None, int, str] | None = None
 
     def __init__(self, manager: TransactionManager, request: Request, peer: Peer,
                  key: Hashable) -> None:
@@ -290,7 +318,8 @@ class InviteClientTransaction(ClientTransaction):
     def receive_response(self, response: Response) -> None:
         status = response.status
         if status < 200:
-            self.fire("provisional", response)
+            # 100 is hop by hop and does not reset Timer C (RFC 3261 §16.7 step 2).
+            self.fire("trying" if status == 100 else "provisional", response)
         elif status < 300:
             self.fire("success", response)
         else:
@@ -298,6 +327,16 @@ class InviteClientTransaction(ClientTransaction):
 
     def send_ack(self, response: Response) -> None:
         self._send(build_ack_for_failure(self.request, response))
+
+    def report_timer_c(self, *_: Any) -> None:
+        """Timer C fired in Proceeding: RFC 3261 §16.8 wants a CANCEL, which is the TU's
+        to build (§9.1); the chart keeps the transaction to ACK the final response."""
+        self.outcome = "timeout"
+        callback = getattr(self.user, "timer_c_fired", None)
+        if callback is not None:
+            callback(self)
+        else:
+            self.user.transaction_timeout(self)
 
 
 class NonInviteClientTransaction(ClientTransaction):
@@ -385,6 +424,19 @@ class ServerTransaction(Transaction):
             except TransportError as exc:
                 log.debug("%r: transport error: %s", self, exc)
                 self.fire("transport_error")
+
+    def send_server_error(self, *_: Any) -> None:
+        """The chart's ``deadline`` fired: the TU never answered (a bug, or work that
+        never ended), so the transaction answers 500 itself (RFC 3261 §21.5.1) and can
+        end, instead of living forever."""
+        self.outcome = "tu_timeout"
+        log.warning("%r: no response from the TU in time, answering 500", self)
+        self.send_response(make_response(self.request, 500, "Server Internal Error",
+                                         to_tag=secrets.token_hex(6)))
+
+    def responded(self) -> bool:
+        """A response went out through this transaction and may still be repeated."""
+        return self._last_response is not None or self._sent is not None
 
     def abandon(self) -> None:
         """Forget this transaction at once, sending nothing more (outcome
@@ -528,10 +580,16 @@ class TransactionManager:
 
     def __init__(self, sender: MessageSender, tu: TransactionUser, clock: IReactorTime, *,
                  t1: float = 0.5, t2: float = 4.0, t4: float = 5.0,
-                 trying_delay: float | None = 0.2, timer_c: float | None = 180.0) -> None:
+                 trying_delay: float | None = 0.2, timer_c: float | None = 180.0,
+                 max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
+                 overload_retry_after: int = 5) -> None:
         """``trying_delay``: when the IST sends 100 Trying itself (None: never).
-        ``timer_c``: how long an ICT waits in Proceeding (None: forever; RFC 3261 §16.6
-        asks more than 3 minutes of proxies)."""
+        ``timer_c``: how long an ICT waits in Proceeding without a provisional
+        response (None: forever; RFC 3261 §16.6 asks more than 3 minutes of proxies).
+        ``max_transactions``: the cap of the server table and of the client table;
+        ``overload_retry_after``: the Retry-After of the 503 sent beyond it."""
+        if max_transactions < 1:
+            raise ValueError("max_transactions must be at least 1")
         self.sender = sender
         self.tu = tu
         self.clock = clock
@@ -540,9 +598,14 @@ class TransactionManager:
         self.t4 = t4
         self.trying_delay = trying_delay
         self.timer_c = timer_c
+        self.max_transactions = max_transactions
+        self.overload_retry_after = overload_retry_after
         self.stats = TransactionStats()
         self._client: dict[Hashable, ClientTransaction] = {}
         self._server: dict[Hashable, ServerTransaction] = {}
+        # merge key -> the first live server transaction with it (RFC 3261 §8.2.2.2);
+        # entries leave with their transaction, so the server cap bounds it.
+        self._merge_index: dict[tuple[str, str | None, int, str], ServerTransaction] = {}
 
     # -- inbound ------------------------------------------------------------------------
     def handle_request(self, request: Request, peer: Peer) -> None:
@@ -570,11 +633,67 @@ class TransactionManager:
             return
         cls: type[ServerTransaction] = (InviteServerTransaction if method == "INVITE"
                                         else NonInviteServerTransaction)
+        if len(self._server) >= self.max_transactions and not self._admit_over_cap(
+                request, peer, cls):
+            return
         txn = cls(self, request, peer, key)
         self._server[key] = txn
         self.stats.created[txn.kind] += 1
+        if method != "CANCEL":
+            self._index_merge_key(txn, request)
         txn.start()
         self.tu.request_received(request, txn, peer)
+
+    def _admit_over_cap(self, request: Request, peer: Peer,
+                        cls: type[ServerTransaction]) -> bool:
+        """The server table is full: answer statelessly, creating no state.
+
+        A CANCEL is the exception: one whose INVITE transaction is alive still gets its
+        transaction (at most one per INVITE transaction, so the table stays bounded by
+        twice the cap), since ending calls is what relieves an overload; any other
+        CANCEL gets the 481 its TU would send.  Everything else gets 503 + Retry-After
+        (RFC 3261 §21.5.4).
+        """
+        if request.method == "CANCEL":
+            if self.find_invite_server_transaction(request) is not None:
+                return True
+            status, extra = 481, ()
+        else:
+            status, extra = 503, (("Retry-After", str(self.overload_retry_after)),)
+        self.stats.overloaded[cls.kind] += 1
+        response = make_response(request, status, to_tag=secrets.token_hex(6), extra=extra)
+        try:
+            self.sender.send_response(response, peer)
+        except TransportError as exc:
+            log.debug("stateless %d to %s not sent: %s", status, peer, exc)
+        return False
+
+    def _index_merge_key(self, txn: ServerTransaction, request: Request) -> None:
+        try:
+            if request.to.tag is not None:
+                return
+            merge_key = (request.call_id, request.from_.tag, request.cseq.seq,
+                         request.method)
+        except SIPParseError:
+            return  # the TU answers 400
+        txn.merge_key = merge_key
+        self._merge_index.setdefault(merge_key, txn)
+
+    def merged_transaction(self, txn: ServerTransaction) -> ServerTransaction | None:
+        """The live transaction ``txn``'s request merges with, if any (§8.2.2.2).
+
+        A request without To tag whose Call-ID, From tag and CSeq equal those of a
+        pending server transaction it did not match (§17.2.3) reached us twice, forked
+        on the way: the UAS core answers the second copy 482 (Loop Detected).
+        """
+        merge_key = txn.merge_key
+        if merge_key is None:
+            return None
+        first = self._merge_index.get(merge_key)
+        if first is None or first is txn or first.state == TERMINATED:
+            return None
+        self.stats.merged_requests += 1
+        return first
 
     def handle_response(self, response: Response, peer: Peer) -> None:
         """Match a response to a client transaction (§17.1.3): top Via branch + method."""
@@ -622,10 +741,32 @@ class TransactionManager:
         cls: type[ClientTransaction] = (InviteClientTransaction if method == "INVITE"
                                         else NonInviteClientTransaction)
         txn = cls(self, request, peer, user, key)
+        if len(self._client) >= self.max_transactions:
+            # Never registered and nothing sent: the user hears a transport error, as
+            # for a request that could not be sent (§17.1.4).
+            self.stats.overloaded[txn.kind] += 1
+            log.debug("client table full (%d): %s not sent", self.max_transactions, method)
+            txn.fire("transport_error")
+            return txn
         self._client[key] = txn
         self.stats.created[txn.kind] += 1
         txn.start()
         return txn
+
+    def connection_failed(self, peer: Peer) -> None:
+        """A TCP/TLS connection to ``peer`` could not be made (RFC 3261 §17.1.4, §18.4).
+
+        The transport calls this from its client factory's ``clientConnectionFailed``:
+        every client transaction bound for ``peer``, and every server transaction with
+        a response out to it, fails now with a transport error instead of waiting for
+        Timer B/F/H.
+        """
+        client = [t for t in self._client.values() if t.peer == peer]
+        server = [t for t in self._server.values()
+                  if t.responded() and (t.peer == peer or (
+                      t._sent is not None and t._sent.destination == peer))]
+        for txn in (*client, *server):
+            txn.fire("transport_error")
 
     def send_ack(self, ack: Request, peer: Peer) -> None:
         """Send the ACK for a 2xx: end to end, outside any transaction (§13.2.2.4).
@@ -662,8 +803,12 @@ class TransactionManager:
     def _terminated(self, txn: Transaction) -> None:
         table: dict[Hashable, Any] = (self._client if isinstance(txn, ClientTransaction)
                                       else self._server)
-        if table.get(txn.key) is txn:
-            del table[txn.key]
+        if table.get(txn.key) is not txn:
+            return  # refused at the cap (never counted as created), or forgotten
+        del table[txn.key]
+        merge_key = txn.merge_key
+        if merge_key is not None and self._merge_index.get(merge_key) is txn:
+            del self._merge_index[merge_key]
         self.stats.terminated[txn.kind][txn.outcome] += 1
 
     def transactions(self) -> list[Transaction]:
@@ -685,3 +830,4 @@ class TransactionManager:
             txn.cancel_timers()
         self._client.clear()
         self._server.clear()
+        self._merge_index.clear()

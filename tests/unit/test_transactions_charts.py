@@ -20,19 +20,21 @@ from pbx.statecharts import Chart, ChartError, _parse_chart, load_chart
 CLASSES: list[type[Transaction]] = [InviteClientTransaction, NonInviteClientTransaction,
                                     InviteServerTransaction, NonInviteServerTransaction]
 
-# RFC 3261 §17 table 4 (+ RFC 6026 L/M, §16.6 Timer C, the IST's 100 Trying) per chart:
+# RFC 3261 §17 table 4 (+ RFC 6026 L/M, §16.6 Timer C, the IST's 100 Trying, the wait
+# for the final response after Timer C's CANCEL, the server deadline for a silent TU):
 # name -> (state(s), value on UDP, value on TCP; None = not armed), T1=0.5 T2=4 T4=5.
 RFC_TIMERS: dict[str, dict[str, tuple[set[str], float | None, float | None]]] = {
     "ict": {"A": ({"calling"}, 0.5, None), "B": ({"calling"}, 32.0, 32.0),
             "C": ({"proceeding"}, 180.0, 180.0), "D": ({"completed"}, 32.0, 0.0),
-            "M": ({"accepted"}, 32.0, 32.0)},
+            "M": ({"accepted"}, 32.0, 32.0), "cancel": ({"cancelling"}, 32.0, 32.0)},
     "nict": {"E": ({"trying", "proceeding"}, None, None), "F": ({"trying", "proceeding"},
                                                                32.0, 32.0),
              "K": ({"completed"}, 5.0, 0.0)},
     "ist": {"trying": ({"proceeding"}, 0.2, 0.2), "G": ({"completed"}, 0.5, None),
             "H": ({"completed"}, 32.0, 32.0), "I": ({"confirmed"}, 5.0, 0.0),
-            "L": ({"accepted"}, 32.0, 32.0)},
-    "nist": {"J": ({"completed"}, 32.0, 0.0)},
+            "L": ({"accepted"}, 32.0, 32.0), "deadline": ({"proceeding"}, 32.0, 32.0)},
+    "nist": {"J": ({"completed"}, 32.0, 0.0),
+             "deadline": ({"trying", "proceeding"}, 32.0, 32.0)},
 }
 
 

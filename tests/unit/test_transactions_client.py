@@ -183,6 +183,11 @@ def test_ict_timer_c_guards_proceeding_and_can_be_disabled() -> None:
     txn = mgr.send_request(invite, UDP, tu)
     mgr.handle_response(reply(invite, 180), UDP)
     advance_to(clock, 180.0)
+    # A user without timer_c_fired hears a timeout; the transaction waits (64*T1) for
+    # the final response to the CANCEL that §16.8 asks for, then ends.
+    assert txn.state == "cancelling"
+    assert tu.kinds() == ["response", "timeout"]
+    advance_to(clock, 212.0)
     assert txn.state == "terminated"
     assert tu.kinds() == ["response", "timeout"]
 
