@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from pbx.ops.health import HealthMonitor
 from pbx.ops.sources import ServiceView
+from pbx.sip import method_label, status_label
 
 __all__ = ["CONTENT_TYPE", "CallMetrics", "MetricsExporter", "PBXCollector"]
 
@@ -116,11 +117,21 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 def _split_sip(counter: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """``transport.stats.received``/``sent`` hold methods and status codes in one Counter."""
+    """``transport.stats.received``/``sent`` hold methods and status codes in one Counter.
+
+    Both label sets are bounded whatever the counter holds: unknown methods count as
+    ``other`` (:func:`pbx.sip.method_label`), codes outside 100-699 as ``other``.
+    """
     requests: dict[str, int] = {}
     responses: dict[str, int] = {}
     for key, count in dict(counter or {}).items():
-        (responses if str(key).isdigit() else requests)[str(key)] = int(count)
+        text = str(key)
+        if text.isdigit():
+            label = status_label(text)
+            responses[label] = responses.get(label, 0) + int(count)
+        else:
+            label = method_label(text)
+            requests[label] = requests.get(label, 0) + int(count)
     return requests, responses
 
 
@@ -240,9 +251,18 @@ class PBXCollector(Collector):
         yield active
         for name, doc in (("stray_responses", "Responses matching no client transaction"),
                           ("stray_acks", "ACKs passed to the transaction user"),
-                          ("dropped", "Messages the transaction layer dropped")):
+                          ("dropped", "Messages the transaction layer dropped"),
+                          ("merged_requests", "Merged requests answered 482 "
+                           "(RFC 3261 §8.2.2.2)")):
             yield CounterMetricFamily(f"pbx_sip_transactions_{name}", doc,
                                       value=int(getattr(stats, name, 0)))
+        overloaded = CounterMetricFamily("pbx_sip_transactions_overloaded", "Requests "
+                                         "refused because the transaction table was full",
+                                         labels=["type"])
+        refused = dict(getattr(stats, "overloaded", None) or {})
+        for kind in TRANSACTION_TYPES:
+            overloaded.add_metric([kind], int(refused.get(kind, 0)))
+        yield overloaded
 
     def _registrar(self) -> Iterator[Metric]:
         reg = getattr(self.view.registrar, "stats", None)

@@ -1,9 +1,12 @@
 """The SIP transaction user at the top of the stack: dispatches requests by method.
 
 Later features (registrar, B2BUA) register method handlers; what is not handled gets
-``501 Not Implemented``.  OPTIONS is answered here from the PBX's readiness so SIP load
-balancers (Kamailio's dispatcher probes nodes with OPTIONS) route away from a node that
-is starting or draining.
+``501 Not Implemented``.  Before a request reaches its handler the endpoint applies the
+UAS core's checks of RFC 3261 §8.2.2 in the RFC's order: a merged request (§8.2.2.2)
+gets ``482 Loop Detected``, a ``Require`` naming an option tag we do not implement
+(§8.2.2.3) gets ``420 Bad Extension`` with ``Unsupported`` listing it.  OPTIONS is
+answered here from the PBX's readiness so SIP load balancers (Kamailio's dispatcher
+probes nodes with OPTIONS) route away from a node that is starting or draining.
 """
 
 from __future__ import annotations
@@ -21,7 +24,37 @@ RequestHandler = Callable[[Request, ServerTransaction, Peer], None]
 
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 # Option tags (RFC 3261 §19.2) we implement; none yet, and we never claim one we lack.
+# The single source: OPTIONS advertises these in Supported, and a Require naming any
+# other tag is refused with 420 (see unsupported_extensions()).
 SUPPORTED_EXTENSIONS: tuple[str, ...] = ()
+# Require in ACK and CANCEL is not checked (§8.2.2.3): an ACK cannot be refused and a
+# CANCEL must not be refused for an extension the INVITE already passed.
+_REQUIRE_EXEMPT = frozenset({"ACK", "CANCEL"})
+
+
+def unsupported_extensions(request: Request,
+                           supported: tuple[str, ...] | None = None) -> list[str]:
+    """Option tags of ``request``'s Require that we do not implement (RFC 3261 §8.2.2.3).
+
+    Tags are tokens, compared case-insensitively (§7.3.1); each unknown tag is listed
+    once, as the peer spelled it.  Empty for ACK and CANCEL.
+    """
+    if request.method in _REQUIRE_EXEMPT:
+        return []
+    values = request.headers.getall("Require")
+    if not values:
+        return []
+    known = {tag.lower() for tag in (SUPPORTED_EXTENSIONS if supported is None
+                                     else supported)}
+    unknown: list[str] = []
+    seen: set[str] = set()
+    for value in values:
+        tag = value.strip()
+        folded = tag.lower()
+        if tag and folded not in known and folded not in seen:
+            seen.add(folded)
+            unknown.append(tag)
+    return unknown
 
 
 class SIPEndpoint:
@@ -56,7 +89,23 @@ class SIPEndpoint:
             else:
                 self.respond(transaction, request, 501)
             return
+        if getattr(transaction, "merge_key", None) is not None and self._merged(transaction):
+            self.respond(transaction, request, 482, "Loop Detected")
+            return
+        unknown = unsupported_extensions(request)
+        if unknown:
+            self.respond(transaction, request, 420, "Bad Extension",
+                         extra={"Unsupported": ", ".join(unknown)})
+            return
         handler(request, transaction, peer)
+
+    @staticmethod
+    def _merged(transaction: ServerTransaction) -> bool:
+        """RFC 3261 §8.2.2.2: the same out-of-dialog request (Call-ID, From tag, CSeq)
+        is pending in another transaction; this copy came by another path."""
+        manager = getattr(transaction, "manager", None)
+        finder = getattr(manager, "merged_transaction", None)
+        return finder is not None and finder(transaction) is not None
 
     def response_received_stray(self, response: Response, peer: Peer) -> None:
         log.debug("stray %s response from %s dropped", response.status, peer)
