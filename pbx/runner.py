@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from pbx.clock import install_monotonic_clock
 from pbx.config import ConfigError, Settings, load_settings
 from pbx.config.validation import ValidationReport, render_text, validate
 from pbx.logs import configure_logging
@@ -43,6 +44,12 @@ def load_or_exit(config_path: str | None) -> Settings:
 
 
 def build_service(config_path: str | None) -> PBXService:
+    """The service both runners start (``twistd -n pbx``, and ``pbx run`` through it).
+
+    The reactor is switched to monotonic scheduling first, before anything is
+    scheduled (:mod:`pbx.clock`).
+    """
+    install_monotonic_clock()
     settings = load_or_exit(config_path)
     configure_logging(settings.logging.level)
     for warning in _pending_warnings:

@@ -21,6 +21,11 @@ class PBXServiceMaker:
     options = Options
 
     def makeService(self, options: Options) -> IService:
+        # twistd has installed its reactor; switch it to monotonic scheduling before
+        # anything is built (build_service does it too: one function, idempotent).
+        from pbx.clock import install_monotonic_clock
+
+        install_monotonic_clock()
         from pbx.runner import build_service
 
         return build_service(options["config"])
