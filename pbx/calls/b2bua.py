@@ -102,6 +102,7 @@ class B2BUA:
         # Our host toward a peer host (by its family, dual stack); None: local_host always.
         self.local_host_for = local_host_for
         self.local_port = local_port
+        self.transport_ports: dict[str, int] = {}
         self.user_agent = user_agent
         self.node = node
         self.domain = domain or _bracket(local_host)
@@ -174,12 +175,18 @@ class B2BUA:
         IPv6reference), else the peer cannot parse it and its responses are lost."""
         branch = f"{self.branch_prefix}{secrets.token_hex(8)}"
         return (f"SIP/2.0/{peer.transport.upper()} {_bracket(self.host_toward(peer))}:"
-                f"{self.local_port};branch={branch};rport")
+                f"{self.port_for(peer)};branch={branch};rport")
 
     def contact(self, peer: Peer) -> str:
         """Our Contact toward ``peer`` (bracketed IPv6 host, RFC 3261 §25.1)."""
         suffix = "" if peer.transport == "udp" else f";transport={peer.transport}"
-        return f"<sip:pbx@{_bracket(self.host_toward(peer))}:{self.local_port}{suffix}>"
+        return f"<sip:pbx@{_bracket(self.host_toward(peer))}:{self.port_for(peer)}{suffix}>"
+
+    def port_for(self, peer: Peer) -> int:
+        """Our listening port for ``peer``'s transport: TLS has its own (RFC 3261
+        §26.2.1), and a Contact or Via naming the UDP/TCP port would send the peer's
+        in-dialog requests and responses to a plain-TCP socket."""
+        return self.transport_ports.get(peer.transport, self.local_port)
 
     def place_media(self, media: Any, caller: Peer, targets: list[Any]) -> None:
         """Put each side's relay socket in the family of its SIP peer (before start):

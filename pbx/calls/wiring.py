@@ -181,6 +181,7 @@ def install_calls(service: Any) -> B2BUA:
     def changed(old: str, new: str) -> None:
         if new == "ready" and old == "starting":
             for kind, _host, port in getattr(service.transport, "listening", []) or []:
+                b2bua.transport_ports[kind] = int(port)
                 if kind == "udp":
                     b2bua.local_port = int(port)
             b2bua.cdr.recover().addCallback(_recovered)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 __all__ = ["ReloadableServerContext", "TLSConfigError", "client_context", "load_server_options"]
 
@@ -61,8 +63,10 @@ def _chain_of(pem: bytes) -> list[object]:
     return [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerContext:
-    """A context factory for ``listenSSL`` whose certificate can be swapped at run time."""
+    """A connection creator for ``listenSSL`` whose certificate can be swapped at run
+    time: each handshake takes the context loaded last."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert = Path(cert)
@@ -72,6 +76,9 @@ class ReloadableServerContext:
 
     def getContext(self) -> SSL.Context:
         return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._options.getContext(), None)
 
     def reload(self) -> bool:
         """Load the files again; False (and the old certificate kept) when they fail."""

@@ -34,7 +34,8 @@ import pytest
 
 from tests.conftest import require_tool
 
-from .conftest import PBXProcess, clean_env, start_pbx
+from .conftest import PBXProcess, clean_env, start_pbx, write_config
+from .test_sip_edge import make_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +155,7 @@ class Baresip:
     """One baresip process, its config directory, and a ctrl_tcp connection to it."""
 
     def __init__(self, binary: str, directory: Path, number: str, password: str,
-                 pbx_port: int, tone: float, offset: int) -> None:
+                 pbx_port: int, tone: float, offset: int, transport: str = "udp") -> None:
         self.directory = directory
         self.number = number
         self.records = directory / "records"
@@ -194,7 +195,7 @@ class Baresip:
             f"snd_path\t\t{self.records}\n",
             encoding="ascii")
         (directory / "accounts").write_text(
-            f"<sip:{number}@127.0.0.1:{pbx_port};transport=udp>;auth_pass={password}"
+            f"<sip:{number}@127.0.0.1:{pbx_port};transport={transport}>;auth_pass={password}"
             ";answermode=auto;regint=600;audio_codecs=PCMU,PCMA\n",
             encoding="ascii")
         self.lines: list[str] = []
@@ -334,18 +335,29 @@ def read_cdrs(tmp: Path) -> list[dict[str, Any]]:
 class Phones:
     """The PBX and baresip phones started in one directory, all stopped by ``close``."""
 
-    def __init__(self, binary: str, tmp: Path, algorithms: str) -> None:
+    def __init__(self, binary: str, tmp: Path, algorithms: str, transport: str = "udp"
+                 ) -> None:
         self.binary = binary
         self.tmp = tmp
+        self.transport = transport
         self.passwords = {CALLER: secrets.token_hex(8), CALLEE: secrets.token_hex(8)}
         extra, env = pbx_config(self.passwords, algorithms)
-        self.pbx: PBXProcess = start_pbx(tmp, env=clean_env() | env, extra=extra)
+        config = write_config(tmp)
+        if transport == "tls":
+            cert, key = make_certificate(tmp)
+            text = config.read_text(encoding="utf-8").replace(
+                "sip:\n", f"sip:\n  tls_enabled: true\n  tls_port: 0\n"
+                           f"  tls_cert: {cert}\n  tls_key: {key}\n", 1)
+            config.write_text(text, encoding="utf-8")
+        config.write_text(config.read_text(encoding="utf-8") + extra, encoding="utf-8")
+        self.pbx: PBXProcess = start_pbx(tmp, env=clean_env() | env, config=config)
         self.phones: list[Baresip] = []
 
     def phone(self, number: str, tone: float) -> Baresip:
+        port = self.pbx.ports["tls"] if self.transport == "tls" else self.pbx.sip_port
         phone = Baresip(self.binary, self.tmp / f"baresip-{number}", number,
-                        self.passwords[number], self.pbx.sip_port, tone,
-                        offset=500 * len(self.phones))
+                        self.passwords[number], port, tone,
+                        offset=500 * len(self.phones), transport=self.transport)
         self.phones.append(phone)
         return phone
 
@@ -356,11 +368,11 @@ class Phones:
 
 
 @pytest.fixture
-def phones(baresip: str, tmp_path: Path) -> Iterator[Callable[[str], Phones]]:
+def phones(baresip: str, tmp_path: Path) -> Iterator[Callable[..., Phones]]:
     started: list[Phones] = []
 
-    def start(algorithms: str) -> Phones:
-        setup = Phones(baresip, tmp_path, algorithms)
+    def start(algorithms: str, transport: str = "udp") -> Phones:
+        setup = Phones(baresip, tmp_path, algorithms, transport)
         started.append(setup)
         return setup
 
@@ -419,3 +431,31 @@ def test_two_baresip_phones_talk_through_the_pbx(phones: Callable[[str], Phones]
     for direction in ("a_to_b", "b_to_a"):
         assert qos[direction]["packets"] >= 40 * TALK_SECONDS, (direction, qos)
         assert qos[direction]["loss_pct"] < 5, (direction, qos)
+
+
+def test_two_baresip_phones_talk_over_sip_tls(phones: Callable[..., Phones],
+                                              tmp_path: Path) -> None:
+    """Both phones register over TLS; the PBX reaches the callee on the connection its
+    REGISTER came on (a TLS flow in the location service), and audio flows both ways."""
+    setup = phones("MD5", "tls")
+    try:
+        caller = setup.phone(CALLER, CALLER_TONE)
+        callee = setup.phone(CALLEE, CALLEE_TONE)
+        caller.wait_registered()
+        callee.wait_registered()
+        tls_port = setup.pbx.ports["tls"]
+        caller.command("dial", f"sip:{CALLEE}@127.0.0.1:{tls_port};transport=tls")
+        caller.wait_event("CALL_ESTABLISHED")
+        callee.wait_event("CALL_ESTABLISHED")
+        time.sleep(TALK_SECONDS)
+        caller.command("hangup")
+        callee.wait_event("CALL_CLOSED")
+        caller.wait_event("CALL_CLOSED")
+    finally:
+        setup.close()
+        assert setup.pbx.stop() == 0
+    check_tone(callee.recording(), CALLER_TONE, f"callee {CALLEE}")
+    check_tone(caller.recording(), CALLEE_TONE, f"caller {CALLER}")
+    rows = read_cdrs(tmp_path)
+    assert [(r["caller"], r["callee"], r["disposition"]) for r in rows] == [
+        (CALLER, CALLEE, "ANSWERED")]

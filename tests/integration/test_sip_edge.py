@@ -88,16 +88,19 @@ def test_received_and_rport_claims_do_not_steer_the_response(edge_pbx: PBXProces
     victim = udp_socket("127.0.0.2")  # the "other host" the attacker names
     victim_port = victim.getsockname()[1]
     with victim, udp_socket() as attacker:
-        via = (f"SIP/2.0/UDP 127.0.0.2:{victim_port};received=127.0.0.2"
-               f";rport={victim_port}")
-        attacker.sendto(options(port, via=via), ("127.0.0.1", port))
-        answer = recv_or_none(attacker, 3.0)
-        assert status_of(answer) == 200, answer
-        assert answer is not None
         source_port = attacker.getsockname()[1]
-        # The Via we get back names the real source, not the claim.
-        assert b"received=127.0.0.1" in answer
-        assert f"rport={source_port}".encode() in answer
+        for n, sent_by in enumerate(("127.0.0.2", "127.0.0.1")):
+            via = (f"SIP/2.0/UDP {sent_by}:{victim_port};received=127.0.0.2"
+                   f";rport={victim_port}")
+            attacker.sendto(options(port, via=via, branch=f"z9hG4bKsteer{n}",
+                                    call_id=f"steer{n}@probe"),
+                            ("127.0.0.1", port))
+            answer = recv_or_none(attacker, 3.0)
+            assert status_of(answer) == 200, answer
+            assert answer is not None
+            # The Via we get back names the real source, not the claim.
+            assert b"received=127.0.0.1" in answer
+            assert f"rport={source_port}".encode() in answer
         assert recv_or_none(victim, 0.5) is None, "the PBX answered the named host"
 
 
@@ -108,9 +111,12 @@ def test_udp_request_claiming_tcp_is_answered_over_udp(edge_pbx: PBXProcess) -> 
         target.listen(4)
         target.settimeout(0.5)
         target_port = target.getsockname()[1]
-        via = f"SIP/2.0/TCP 127.0.0.3:{target_port}"
-        attacker.sendto(options(port, via=via), ("127.0.0.1", port))
-        assert status_of(recv_or_none(attacker, 3.0)) == 200
+        for via in (f"SIP/2.0/TCP 127.0.0.3:{target_port}",
+                    f"SIP/2.0/TCP 127.0.0.1:{target_port};received=127.0.0.3"):
+            attacker.sendto(options(port, via=via, branch=f"z9hG4bK{len(via)}",
+                                    call_id=f"tcp{len(via)}@probe"),
+                            ("127.0.0.1", port))
+            assert status_of(recv_or_none(attacker, 3.0)) == 200
         with pytest.raises(TimeoutError):
             target.accept()  # no connection to the address of the attacker's choice
 
