@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,3 +249,79 @@ def test_bindings_survive_restart_on_postgresql(sipp: str, tmp_path: Path) -> No
             assert pbx.stop() == 0
     finally:
         pg_admin(f"DROP SCHEMA {schema} CASCADE")
+
+
+def tls_register(sock: Any, port: int, number: str, password: str,
+                 authorization: str = "", cseq: int = 1) -> bytes:
+    local = sock.getsockname()
+    sock.sendall((
+        f"REGISTER sip:127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/TLS {local[0]}:{local[1]};branch=z9hG4bK{secrets.token_hex(6)};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:{number}@127.0.0.1>;tag=t{number}\r\nTo: <sip:{number}@127.0.0.1>\r\n"
+        f"Call-ID: tls-{number}@probe\r\nCSeq: {cseq} REGISTER\r\n"
+        f"Contact: <sips:{number}@{local[0]}:{local[1]};transport=tls>\r\n"
+        f"{authorization}Expires: 3600\r\nContent-Length: 0\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65535)
+        assert chunk, "the PBX closed the TLS connection"
+        data += chunk
+    return data
+
+
+def test_tls_bindings_register_and_survive_restart(tmp_path: Path) -> None:
+    """Phones register over SIP TLS (Python's ssl, digest MD5); the bindings keep their
+    TLS flow in the store and come back after a restart, like TCP ones.  (Debian's SIPp
+    is built without OpenSSL, so it cannot do TLS.)"""
+    import hashlib
+    import sqlite3
+    import ssl
+
+    from .test_sip_edge import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    users = make_users(tmp_path, 3)
+    extra, env = seed_config(users)
+    extra = (f"sip:\n  host: 127.0.0.1\n  port: 0\n  tls_enabled: true\n  tls_port: 0\n"
+             f"  tls_cert: {cert}\n  tls_key: {key}\n") + extra
+    config = tmp_path / "config.yml"
+    config.write_text(f"api:\n  host: 127.0.0.1\n  port: 0\ndata_dir: {tmp_path / 'var'}\n"
+                      + extra, encoding="utf-8")
+    pbx = start_pbx(tmp_path, env=clean_env() | env, config=config)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    try:
+        port = pbx.ports["tls"]
+        for number, password in users.items():
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with context.wrap_socket(raw) as sock:
+                challenge = tls_register(sock, port, number, password).decode()
+                assert challenge.startswith("SIP/2.0 401"), challenge
+                header = next(ln for ln in challenge.split("\r\n")
+                              if "algorithm=MD5" in ln)
+                realm = re.search(r'realm="([^"]+)"', header).group(1)  # type: ignore[union-attr]
+                nonce = re.search(r'nonce="([^"]+)"', header).group(1)  # type: ignore[union-attr]
+                uri = f"sip:127.0.0.1:{port}"
+                cnonce, nc = "0a4f113b", "00000001"
+                response = md5(f"{md5(f'{number}:{realm}:{password}')}:{nonce}:{nc}:{cnonce}"
+                               f":auth:{md5(f'REGISTER:{uri}')}")
+                auth = (f'Authorization: Digest username="{number}", realm="{realm}", '
+                        f'nonce="{nonce}", uri="{uri}", response="{response}", '
+                        f'algorithm=MD5, qop=auth, nc={nc}, cnonce="{cnonce}"\r\n')
+                reply = tls_register(sock, port, number, password, auth, cseq=2)
+                assert reply.startswith(b"SIP/2.0 200"), reply[:300]
+    finally:
+        assert pbx.stop() == 0
+    with sqlite3.connect(tmp_path / "var" / "pbx.sqlite3") as db:
+        transports = [row[0] for row in db.execute("SELECT transport FROM registrations")]
+    assert transports == ["tls"] * len(users)
+    pbx = start_pbx(tmp_path, env=clean_env() | env, config=config)
+    try:
+        pbx.wait_for(rf"location: {len(users)} bindings restored")
+    finally:
+        assert pbx.stop() == 0
