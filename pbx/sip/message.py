@@ -666,7 +666,7 @@ def _find_header_end(buf: bytearray, start: int, max_size: int) -> tuple[int, in
     """
     n = min(len(buf), max_size + 4)
     pos = start
-    window = 4096
+    window = 256  # about a small SIP header block; doubles for longer ones
     while pos < n:
         stop = min(n, pos + window)
         # separators *starting* in [pos, stop); they may end up to 3 bytes later
