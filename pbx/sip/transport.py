@@ -260,12 +260,12 @@ class SIPTransport:
 
         Rate-limited requests are dropped (answering a flood only amplifies it); a blocked
         source gets 403 or silence, as configured.  Only requests of dialogs that exist
-        skip the guard (see :func:`_in_dialog`): a To tag is not a pass.  ACK and CANCEL
-        are never answered with more than one response, so they are not limited.
+        skip the guard (see :func:`_in_dialog`): a To tag is not a pass.  ACK is never
+        answered, so it is not limited; a CANCEL is (each one may earn a 481).
         """
         guard = self.guard
         assert guard is not None
-        if request.method in ("ACK", "CANCEL") or _in_dialog(request, guard.dialog_exists):
+        if request.method == "ACK" or _in_dialog(request, guard.dialog_exists):
             return True
         verdict = guard.check(peer.host)
         if verdict is Verdict.ALLOW:
@@ -288,6 +288,10 @@ class SIPTransport:
         try:
             if request is None or request.method == "ACK":
                 raise SIPParseError("not an answerable request")
+            if self.guard is not None and self.guard.check(peer.host) is not Verdict.ALLOW:
+                # Garbage from a flooding or blocked source is not worth a 400 each.
+                self.stats.dropped["unparseable_limited"] += 1
+                return
             stamp_via(request, peer)  # needs a readable top Via, else unanswerable
             response = make_response(request, err.status, err.reason,
                                      to_tag=secrets.token_hex(6))

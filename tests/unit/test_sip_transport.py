@@ -159,3 +159,22 @@ def test_guard_is_not_bypassed_by_tag_in_display_name_or_on_register() -> None:
     owner.guard.dialog_exists = lambda call_id, to_tag, from_tag: to_tag == "abc"
     owner.message_received(in_dialog, peer, datagram=True)
     assert len(received) == 2  # the dialog exists: in-dialog, not limited
+
+
+def test_bad_requests_and_cancels_are_rate_limited_too() -> None:
+    """A flood of garbage or of CANCELs from one source is not answered 1:1 for ever."""
+    owner, received = guarded_transport(rate=0.0)  # burst 1, no refill
+    sent: list[bytes] = []
+    owner._send = lambda data, peer: sent.append(data)  # type: ignore[method-assign]
+    peer = Peer("udp", "192.0.2.50", 5060)
+    good = request("SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKbad").to_bytes()
+    bad = good.replace(b"Max-Forwards: 70", b"Max-Forwards: x")
+    for _ in range(5):
+        owner.message_received(bad, peer, datagram=True)
+    assert len(sent) == 1 and sent[0].startswith(b"SIP/2.0 400")
+    assert owner.stats.dropped["unparseable_limited"] == 4
+    cancel = request("SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKc").to_bytes().replace(
+        b"OPTIONS", b"CANCEL")
+    for _ in range(3):
+        owner.message_received(cancel, peer, datagram=True)
+    assert not received  # the bucket is empty: CANCELs are limited like the rest
