@@ -40,7 +40,9 @@ Semantics:
   completed, without a reactor turn.
 * ``restart_on``/``stop_on`` act after a transition that stays in the state (internal
   or reflexive) and ran; a guard that refused the transition leaves the timer alone.
-  A stopped timer is armed again only when the state is entered anew.
+  A stopped timer stays stopped until the model enters a state that does not declare
+  it (like a running one, it carries over into a next state declaring the same name),
+  also when the stop came before :meth:`TimedChartModel.start_timers`.
 * Run-to-completion: a trigger fired from inside a callback (a transport error while
   sending, a zero timer) is queued and processed after the current transition, so
   callbacks never run in the middle of another transition.  An exception from a
@@ -275,6 +277,22 @@ class _Running:
         self.deadline = 0.0
 
 
+class _Stopped(_Running):
+    """Marks a timer that ``stop_on`` stopped: it occupies the name, so the state's
+    timers are not armed again, and is never queued."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.queue = None
+        self.model = None
+        self.interval = 0.0
+        self.deadline = 0.0
+
+
+_STOPPED = _Stopped()
+
+
 class _DelayQueue:
     """Every running timer of one delay on one clock, in one FIFO with one reactor call.
 
@@ -418,7 +436,8 @@ class TimedChartModel(ChartModel):
 
     def active_timers(self) -> dict[str, float]:
         """Running timers and their current intervals (introspection, health, tests)."""
-        return {name: entry.interval for name, entry in self._running_timers.items()}
+        return {name: entry.interval for name, entry in self._running_timers.items()
+                if entry is not _STOPPED}
 
     def state_changed(self, previous: str) -> None:
         """Hook run after every state change, once the new state's timers are set."""
@@ -477,6 +496,7 @@ class TimedChartModel(ChartModel):
             if entry is not None:
                 _cancel(entry)
             if not restart:
+                running[name] = _STOPPED
                 continue
             for spec in self._timer_table[self.state][name]:
                 if spec.applies(self):

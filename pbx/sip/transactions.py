@@ -641,8 +641,14 @@ class TransactionManager:
         self.stats.created[txn.kind] += 1
         if method != "CANCEL":
             self._index_merge_key(txn, request)
-        txn.start()
-        self.tu.request_received(request, txn, peer)
+        try:
+            self.tu.request_received(request, txn, peer)
+        finally:
+            # Timers are armed after the TU had its turn: most requests are answered
+            # at once, and then the TU's response has already left the initial state,
+            # so its deadline (and the IST's 100 timer) never costs an arm and a
+            # cancel.  ``finally``: a TU that raised still gets the deadline.
+            txn.start()
 
     def _admit_over_cap(self, request: Request, peer: Peer,
                         cls: type[ServerTransaction]) -> bool:

@@ -387,3 +387,27 @@ def test_hooks_must_name_triggers_of_their_state() -> None:
         {"name": "done", "final": True}]}
     with pytest.raises(ChartError, match="both"):
         compile_timers(_parse_chart(both, None))
+
+
+def test_a_provisional_sent_from_inside_request_received_stops_the_ist_deadline() -> None:
+    clock, sender, tu, mgr = setup(trying_delay=None)
+    tu.on_request = lambda request, txn, peer: txn.respond(reply(request, 180))
+    mgr.handle_request(make_request("INVITE"), UDP)
+    txn = tu.requests[-1][1]
+    assert "deadline" not in txn.active_timers()
+    advance_to(clock, 600.0)
+    assert txn.state == "proceeding" and [m.status for _, m, _ in sender.sent] == [180]
+
+
+def test_a_tu_that_raises_still_leaves_a_transaction_that_ends() -> None:
+    clock, sender, tu, mgr = setup()
+
+    def broken(request: Request, txn: object, peer: Peer) -> None:
+        raise RuntimeError("TU bug")
+
+    tu.on_request = broken
+    with pytest.raises(RuntimeError):
+        mgr.handle_request(make_request("OPTIONS"), UDP)
+    advance_to(clock, 100.0)
+    assert [m.status for _, m, _ in sender.sent] == [500]
+    assert mgr.transactions() == []
