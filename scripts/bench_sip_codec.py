@@ -179,6 +179,12 @@ def _shapes() -> dict[str, tuple[str, bytes]]:
         "63 KB host name in the Request-URI": (
             "udp", b"INVITE sip:" + b"a-" * ((SIZE - 800) // 2) + b"! SIP/2.0\r\n"
             + b"\r\n".join(_BASE) + b"\r\nContent-Length: 0\r\n\r\n"),
+        "63 KB of '%' in the Request-URI user": (
+            "udp", b"INVITE sip:" + b"%" * (SIZE - 800) + b"@h SIP/2.0\r\n"
+            + b"\r\n".join(_BASE) + b"\r\nContent-Length: 0\r\n\r\n"),
+        "10,000 escaped params in the Request-URI": (
+            "udp", b"INVITE sip:h" + b";a=%20" * ((SIZE - 800) // 6) + b" SIP/2.0\r\n"
+            + b"\r\n".join(_BASE) + b"\r\nContent-Length: 0\r\n\r\n"),
         "Via with 63 KB of spaces before ';'": (
             "udp", _message([], replace={b"Via": b"Via: SIP/2.0/UDP h" + spaces + b"x;\x0b"})),
         # TCP: a frame handed to the framer in one piece, then parsed in stream mode.

@@ -15,6 +15,7 @@ import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import given
@@ -32,7 +33,7 @@ from pbx.sip.headers import (
     split_comma_list,
 )
 from pbx.sip.message import StreamFramer, _find_header_end, _unfold, _unfold_bytes, parse
-from pbx.sip.uri import URI, _is_hostname
+from pbx.sip.uri import _NEEDS_QUOTE, URI, _esc, _is_hostname, _parse_uri_params, _unesc
 
 N = 60_000
 
@@ -123,6 +124,12 @@ PATHOLOGICAL = {
     "huge number of Via lines": message(*(["Via: SIP/2.0/UDP h;branch=z9hG4bKx"] * (N // 40))),
     "long host name": message(replace={"To": "To: <sip:" + "a-" * (N // 2) + "!>"}),
     "long host name of dots": message(replace={"To": "To: <sip:a" + "." * N + ">"}),
+    "percent signs in the Request-URI": (
+        b"INVITE sip:" + b"%" * N + b"@h SIP/2.0\r\n" + message()[36:]),
+    "escaped params in the Request-URI": (
+        b"INVITE sip:h" + b";a=%20" * (N // 6) + b" SIP/2.0\r\n" + message()[36:]),
+    "escapes between letters in a user": message(
+        replace={"To": "To: <sip:" + "%41a" * (N // 4) + "@h>"}),
     "long IPv6 reference": message(replace={"To": "To: <sip:[" + "1:" * (N // 2) + "]>"}),
     "Via: spaces before the params": message(
         replace={"Via": "Via: SIP/2.0/UDP h" + " " * N + "x;branch=1"}),
@@ -345,6 +352,46 @@ def test_hostname_check_matches_the_old_regex(host: str) -> None:
 def test_bulk_parameter_parsing_matches_the_loop(text: str) -> None:
     # parse_params uses its per-parameter loop below 257 characters
     assert _outcome(_parse_plain_params, text) == _outcome(parse_params, text)
+
+
+_uri_pieces = st.sampled_from([";", "=", "a", "A", "%41", "%3B", "%3d", "%", "%ff", "%C3%A9",
+                               "\udcc3", "é", "%C3", "%e2%82", "%00", "\x00", "😀", "%F0%9F",
+                               "%8", " ", "~", "[", "\udfff"])
+uri_texts = st.lists(_uri_pieces, max_size=16).map("".join)
+
+
+@given(uri_texts)
+def test_unescape_and_escape_match_urllib(text: str) -> None:
+    assert _unesc(text) == unquote(text, errors="surrogateescape")
+    for safe in _NEEDS_QUOTE:
+        try:
+            expected = quote(text, safe=safe, errors="surrogateescape")
+        except UnicodeEncodeError:
+            with pytest.raises(UnicodeEncodeError):
+                _esc(text, safe)
+            continue
+        assert _esc(text, safe) == expected
+
+
+def _old_uri_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for part in text.split(";"):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        if not name:
+            raise SIPParseError("Invalid URI parameter")
+        params[unquote(name, errors="surrogateescape").lower()] = (
+            unquote(value, errors="surrogateescape") if eq else None)
+    return params
+
+
+@given(uri_texts)
+def test_uri_parameters_match_the_old_loop(text: str) -> None:
+    new, old = _outcome(_parse_uri_params, text), _outcome(_old_uri_params, text)
+    assert new == old
+    if isinstance(new, dict):
+        assert list(new) == list(old)  # same order too
 
 
 # -- hypothesis: any repeated unit, at full size, parses or fails cleanly -------------
