@@ -73,6 +73,7 @@ _SPELLING_CACHE: dict[str, str] = dict(_CANONICAL)
 _SPELLING_CACHE.update({n: n for n in _KNOWN_NAMES})
 _SPELLING_CACHE.update({n.upper(): n for n in _KNOWN_NAMES})
 _SPELLING_CACHE_MAX = 4096
+_SPELLING_NAME_MAX = 64  # longer spellings are canonicalised every time, not cached
 
 # Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1); getall() splits them.
 LIST_HEADERS = frozenset({
@@ -101,8 +102,10 @@ def canonical_name(name: str) -> str:
     lower = stripped.lower()
     canon = _CANONICAL.get(lower)
     if canon is None:
-        canon = "-".join(p[:1].upper() + p[1:] for p in lower.split("-"))
-    if len(_SPELLING_CACHE) < _SPELLING_CACHE_MAX:
+        # tokens are ASCII, so capitalize() is exactly "upper-case the first letter"
+        canon = "-".join(map(str.capitalize, lower.split("-")))
+    # Bounded in count *and* size: a 60 KB header name from the wire is not kept.
+    if len(_SPELLING_CACHE) < _SPELLING_CACHE_MAX and len(name) <= _SPELLING_NAME_MAX:
         _SPELLING_CACHE[name] = canon
     return canon
 

@@ -415,3 +415,18 @@ def test_any_repeated_unit_in_a_header_is_handled_quickly(unit: str, name: str,
             for fn in (NameAddress.parse, Via.parse, URI.parse, split_comma_list,
                        parse_params):
                 _outcome(fn, text)
+
+
+def test_long_header_names_are_not_kept_in_the_spelling_cache() -> None:
+    """The spelling cache is bounded in size too: 4096 junk 60 KB names would be 0.5 GB."""
+    from pbx.sip import headers
+
+    before = len(headers._SPELLING_CACHE)
+    for i in range(3):
+        name = f"X-{i}-" + "a-" * 20_000
+        data = message(f"{name}: v")
+        with guard():
+            msg = parse(data)
+        assert msg.headers.items()[-2][0].startswith(f"X-{i}-A-A-")
+    assert len(headers._SPELLING_CACHE) == before
+    assert headers.canonical_name("x-my-HEADER--z") == "X-My-Header--Z"
