@@ -193,6 +193,8 @@ def _shapes() -> dict[str, tuple[str, bytes]]:
             "tcp", _message([b"X-Fold: a", b" b", b"X-Pad: " + spaces + b"x"])),
         "tcp: 150 LF-only frames in one feed": (
             "tcp", _message([]).replace(b"\r\n", b"\n") * (SIZE // len(_message([])))),
+        "tcp: 64 KB of LF between messages": ("tcp", b"\n" * (SIZE - 1000) + _message([])),
+        "tcp: 16,000 CRLFCRLF pings in one read": ("tcp", b"\r\n\r\n" * (SIZE // 4)),
         # The framer fed one byte per call (a slow-loris peer).
         "bytewise: ordinary 64 KB INVITE": ("bytewise", ordinary),
         "bytewise: folded line + 63 KB of spaces": (

@@ -13,6 +13,7 @@ Content-Length line is ignored on output and in equality), then the body.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -606,6 +607,14 @@ class StreamFramer:
         out: list[bytes] = []
         while buf:
             if buf[0] in (13, 10):
+                if len(buf) > 64:  # a long run of CR/LF: skip it in bulk, not byte by byte
+                    skip, pings = _crlf_prefix(buf)
+                    if skip:
+                        del buf[:skip]
+                        self.pings += pings
+                        self._pending_pings += pings
+                        self._scanned = 0
+                        continue
                 if buf.startswith(b"\r\n\r\n"):
                     del buf[:4]
                     self.pings += 1
@@ -653,6 +662,38 @@ class StreamFramer:
         if total > self.max_size:
             raise SIPParseError("Message too large", status=513)
         return total
+
+
+_CRLF_RUN = re.compile(rb"[\r\n]*")
+
+
+def _crlf_prefix(buf: bytearray) -> tuple[int, int]:
+    """How much of the CR/LF run at the head of ``buf`` the byte-by-byte loop in
+    :meth:`StreamFramer.feed` would consume outright, and how many pings it holds.
+
+    That loop takes ``CRLFCRLF`` (a ping, RFC 5626 §3.5.1), else ``CRLF``, else one
+    byte, and waits when fewer than 4 bytes that could start a ping are left.  Its
+    pings are exactly the non-overlapping ``CRLFCRLF`` that ``bytes.count`` finds
+    scanning from a token boundary (a CRLF step never skips a CR that could start
+    one), so the run is consumed with a few C-level calls.  A run that reaches the
+    end of the buffer is cut at a token boundary at least 4 bytes before the end
+    and the loop does the tail: two equal bytes in a row never sit inside one token
+    (tokens alternate CR and LF), so the byte after the last such pair starts a
+    token, and from there the run alternates and tokens are 4 bytes (1 + 4 when it
+    starts with LF).  Linear, instead of a Python iteration per byte.
+    """
+    run_end = _CRLF_RUN.match(buf).end()  # type: ignore[union-attr]  # always matches
+    if run_end < len(buf):
+        end = run_end  # a message follows: the whole run goes
+    else:
+        limit = run_end - 4
+        if limit <= 0:
+            return 0, 0
+        pair = max(buf.rfind(b"\n\n", 0, limit + 1), buf.rfind(b"\r\r", 0, limit + 1))
+        sync = pair + 1 if pair >= 0 else 0
+        phase = sync if buf[sync] == 13 else sync + 1
+        end = phase + (limit - phase) // 4 * 4 if limit >= phase else sync
+    return end, buf.count(b"\r\n\r\n", 0, end)
 
 
 def _find_header_end(buf: bytearray, start: int, max_size: int) -> tuple[int, int] | None:

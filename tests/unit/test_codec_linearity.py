@@ -11,6 +11,7 @@ small inputs: same results, so the speed-up changed no behaviour.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 from collections.abc import Iterator
@@ -216,6 +217,65 @@ def test_framer_many_lf_only_frames_in_one_feed() -> None:
     with guard():
         frames = StreamFramer().feed(data)
     assert frames == [frame] * (65535 // len(frame))
+
+
+class OldFramer(StreamFramer):
+    """The framer's CR/LF handling before the bulk skip: one step per token."""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        while buf:
+            if buf[0] in (13, 10):
+                if buf.startswith(b"\r\n\r\n"):
+                    del buf[:4]
+                    self.pings += 1
+                    self._pending_pings += 1
+                    continue
+                if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                    break
+                del buf[: 2 if buf.startswith(b"\r\n") else 1]
+                self._scanned = 0
+                continue
+            frame = self._next_frame(buf)
+            if frame is None:
+                break
+            out.append(frame)
+        return out
+
+
+crlf_units = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\n\n", b"\r\r"])
+
+
+@given(st.lists(crlf_units, max_size=80).map(b"".join),
+       st.lists(crlf_units, max_size=40).map(b"".join), st.booleans(),
+       st.lists(st.integers(0, 400), max_size=4))
+def test_bulk_crlf_skipping_matches_the_step_by_step_loop(
+        before: bytes, after: bytes, with_message: bool, cuts: list[int]) -> None:
+    stream = before + (message() + after if with_message else b"")
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    results = []
+    for cls in (OldFramer, StreamFramer):
+        framer = cls()
+        trace = []
+        for a, b in itertools.pairwise(points):
+            trace.append((framer.feed(stream[a:b]), framer.pings, framer.take_pings(),
+                          framer.buffered))
+        results.append(trace)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("unit", [b"\n", b"\r", b"\r\n", b"\r\n\r\n", b"\n\r", b"\r\n\n"])
+def test_long_crlf_runs_are_skipped_in_bulk(unit: bytes) -> None:
+    data = unit * (65536 // len(unit))
+    framer = StreamFramer()
+    with guard():
+        assert framer.feed(data) == []
+        assert framer.feed(message()) == [message()]
+    old = OldFramer()
+    old.feed(data)
+    assert framer.pings == old.pings
 
 
 def test_pathological_sdp_bodies() -> None:
