@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 MediaFactory = Callable[[Callable[[Any], None]], Any]
 """``factory(on_timeout) -> MediaSession``: start(), offer_from_a(), answer_from_b(),
-reoffer(side, sdp), reanswer(side, sdp), close(), summary(), state."""
+reoffer(side, sdp), reanswer(side, sdp), close(), summary(), state; optionally place(side,
+host), expect(side, sip_host) and confirmed(side[, sip_host]) (media address learning)."""
 
 _RELAYED_HEADERS = ("Content-Type", "Info-Package", "Event", "Content-Disposition")
 _PENDING = object()
@@ -191,6 +192,11 @@ class B2BUA:
     def place_media(self, media: Any, caller: Peer, targets: list[Any]) -> None:
         """Put each side's relay socket in the family of its SIP peer (before start):
         the caller's flow, and the first fork target's (one offer goes to all forks)."""
+        expect = getattr(media, "expect", None)
+        if expect is not None:  # media from where the SIP comes from (a NAT) is preferred
+            expect("a", caller.host)
+            for target in targets:
+                expect("b", getattr(target, "source_host", "") or None)
         place = getattr(media, "place", None)
         if place is None:
             return
@@ -353,6 +359,9 @@ class B2BUA:
             return
         _dialog, leg = found
         if leg.ack_received(request) and leg.call is not None and isinstance(leg, CallerLeg):
+            confirmed = getattr(leg.call.media, "confirmed", None)
+            if confirmed is not None:  # the ACK of our 2xx: the caller sends now
+                confirmed("a")
             leg.call.fire("caller_ack")
 
     # -- OPTIONS: in a dialog it is relayed, outside it the endpoint answers -------------------

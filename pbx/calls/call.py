@@ -654,6 +654,9 @@ class Call(TimedChartModel):
             self.fire("fork_failed", fork, 488, "Not Acceptable Here")
             return False
         self.winner = fork
+        confirmed = getattr(self.media, "confirmed", None)
+        if confirmed is not None:  # the callee's dialog is confirmed: media re-learns
+            confirmed("b", fork.peer.host)
         self.fire("answer", sdp_for_a)
         return True
 
@@ -697,6 +700,9 @@ class Call(TimedChartModel):
         if winner.dialog is not None:
             self.b2bua.dialogs.add(winner.dialog, winner)
         self.caller.send_answer(sdp_for_a, self._caller_ack_timeout)
+        confirmed = getattr(self.media, "confirmed", None)
+        if confirmed is not None:  # our 200 confirms the caller's dialog: media re-learns
+            confirmed("a")
         self.answered_at = self.clock.seconds()
         self.b2bua.cdr.answered(self.record)
         self.b2bua.answered_calls += 1

@@ -161,7 +161,8 @@ def install_calls(service: Any) -> B2BUA:
     def media_factory(on_timeout: Any) -> MediaSession:
         return MediaSession(reactor, allocator, host=media_bind, advertise=media_host,
                             codecs=codecs, media_timeout=float(calls.media_timeout),
-                            on_timeout=on_timeout, local_for=local.media_for)
+                            on_timeout=on_timeout, local_for=local.media_for,
+                            learning_window=float(rtp.learning_window))
 
     b2bua = B2BUA(
         reactor, service.transactions, service.endpoint, service.location,

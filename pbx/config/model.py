@@ -229,6 +229,10 @@ class RtpSettings(_Section):
     codecs: list[Codec] = Field(
         default_factory=lambda: ["PCMU", "PCMA", "G722", "telephone-event"],
         json_schema_extra=_fix("list codecs from PCMU, PCMA, G722, telephone-event"))
+    # Seconds a side may stay silent after our SDP reached it (and again after its
+    # dialog is confirmed) while the relay still learns its real (NAT) source address.
+    learning_window: float = Field(5.0, gt=0, le=60, json_schema_extra=_fix(
+        "use seconds between 0 and 60, e.g. 5"))
 
     @model_validator(mode="after")
     def _check_range(self) -> RtpSettings:

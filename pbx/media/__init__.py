@@ -7,7 +7,7 @@ the call layer can answer 488 without importing the codec module.
 
 from pbx.media.ports import PortAllocator, PortError, PortsExhausted
 from pbx.media.qos import StreamQoS, estimate_mos
-from pbx.media.relay import RelayLeg
+from pbx.media.relay import REJECT_REASONS, RelayLeg
 from pbx.media.session import (
     DEFAULT_CODECS,
     DirectionStats,
@@ -19,6 +19,7 @@ from pbx.sip import SDPError
 
 __all__ = [
     "DEFAULT_CODECS",
+    "REJECT_REASONS",
     "DirectionStats",
     "MediaSession",
     "MediaStats",

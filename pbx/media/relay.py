@@ -8,23 +8,43 @@ rather than ``transport.write``: Twisted's ``write`` re-validates the address st
 every call (several µs) and raises on ``EAGAIN``, which would log once per dropped packet
 under overload; here a failed send is counted and the packet dropped, as UDP would.
 
-Latching policy (symmetric RTP, anti-hijack) — per socket:
+Learning policy (symmetric RTP, RFC 4961; anti-hijack) — per socket.  This is the state
+the rtp_session chart does not show: it changes on packet arrival, per socket, and the
+hot path never fires a trigger.
 
-* The source signalled in SDP (``c=`` address, ``m=`` port; ``a=rtcp`` or port+1 for
-  RTCP) is accepted from the start, and media is sent back to it.
-* Until a first packet has been accepted, and only within ``nat_latch_window`` seconds of
-  the SDP being learned, a packet from another source latches the socket onto that
-  source (the endpoint is behind NAT and sent from its public mapping): it becomes both
-  the accepted source and the destination.  Only a source that can be that endpoint
-  qualifies: the signalled IP with another port (a port-rewriting NAT or firewall), or
-  any IP when the signalled address is not globally routable (private, CGNAT, loopback,
-  link-local — the phone does not know its public address) or not an IP literal.  A
-  phone that signals a public address gets no latching to a foreign IP at all.
-* After the first accepted packet, or once the window has passed, the source is
-  **locked**: packets from anywhere else are dropped and counted (``dropped``).  A new
-  SDP naming a different address (re-INVITE) re-opens the window; the same address keeps
-  the lock.
-* A hold with ``c=0.0.0.0`` stops sending toward that side but keeps its lock.
+* **Accepted from the start**: the source signalled in SDP (``c=`` address, ``m=`` port;
+  ``a=rtcp`` or port+1 for RTCP); media is sent back to it.  It takes the fast path.
+* **Learning window**: opened (``learning_window`` seconds) when the side's SDP is
+  learnt, when *our* SDP is sent to the side (the caller in our 18x/200, the callee in
+  our INVITE) and again when the side's dialog is confirmed (its 200; our 200 to the
+  caller).  A caller cannot send before it has our answer and a ringing phone may stay
+  silent, so each of those moments gives the phone a fresh window.  The window closes
+  when it runs out; a packet from the accepted source locks the socket at once.
+* **Who may latch** while the window is open, from another source than the accepted
+  one, and only with a packet that looks like what was negotiated (RTP version 2 with a
+  payload type from the session's SDP, RFC 3550 §5.1 / RFC 3551; RTCP version 2 with a
+  packet type of 200-207, RFC 5761 §4):
+
+  - a **preferred** source — the IP signalled in SDP (any port: a port-rewriting NAT)
+    or an IP the side's SIP comes from (its NAT's public address, given by the call
+    through :meth:`MediaSession.expect`) — latches at once;
+  - a **third** IP only when the signalled address is not globally routable (the phone
+    does not know its public address), only after the side's dialog is confirmed and a
+    grace of ``THIRD_PARTY_GRACE`` s (the real phone speaks first if it can), and only
+    tentatively: a preferred source still takes the latch while the window is open.
+    So while the real phone sends from its SDP or SIP address, a third IP never wins,
+    and nobody latches while the call rings.
+
+* **Locked** once the accepted source has spoken since the window opened: packets from
+  anywhere else are dropped and counted by reason (``rejected``).  The one exception is
+  a **NAT rebinding** (RTP): the latched stream's SSRC with continuing sequence numbers
+  from a new address, after the latched source has been silent for ``REBIND_SILENCE``
+  seconds while the new one kept sending.  RTCP follows the IP its RTP socket latched
+  or rebound onto.  A re-INVITE naming a new address re-learns; the same address keeps
+  the lock.  A hold with ``c=0.0.0.0`` stops sending toward that side, keeps its lock.
+
+None of this runs on the fast path: an accepted packet costs one tuple compare as
+before; the rules run only for a packet from another source than the accepted one.
 
 Address families: each leg's sockets are bound in the family of that leg's endpoint (the
 session decides, see :class:`~pbx.media.MediaSession`), so a call between an IPv4 and an
@@ -39,8 +59,9 @@ IPv4-mapped form (RFC 4291 §2.5.5.2), which a dual-stack ``::`` socket can reac
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
+from struct import Struct
 from time import monotonic
 from typing import Any
 
@@ -58,13 +79,25 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int] | tuple[str, int, int, int]
 
+# Why a packet was not relayed: the bounded label set of pbx_rtp_rejected_packets_total.
+REJECT_REASONS = ("malformed", "payload_type", "window_closed", "unverified", "locked")
+THIRD_PARTY_GRACE = 1.0   # s after confirmation before a third IP may latch
+REBIND_SILENCE = 0.5      # s the latched source must be silent before a rebinding
+REBIND_SEQ_WINDOW = 100   # sequence numbers a rebinding may skip (lost packets)
+_unpack_header = Struct("!BBHII").unpack_from  # RFC 3550 §5.1 fixed header, no CSRCs
+
 
 class RelaySocket(DatagramProtocol):
-    """One bound UDP socket of one leg; forwards what its endpoint sends to ``peer``."""
+    """One bound UDP socket of one leg; forwards what its endpoint sends to ``peer``.
+
+    The learning rules (module docstring) live in :meth:`_foreign`, reached only when a
+    packet's source is not the accepted one; :meth:`datagramReceived` is the hot path.
+    """
 
     noisy = False  # one relay socket pair per leg: no start/stop lines per call
 
     kind = "rtp"
+    min_length = 8  # an RTCP header (RFC 3550 §6.4.1); RTP needs 12
 
     def __init__(self, seconds: Callable[[], float]) -> None:
         self._seconds = seconds
@@ -72,17 +105,29 @@ class RelaySocket(DatagramProtocol):
         self.dst: Address | None = None        # where the other leg's packets go
         self.signalled: Address | None = None  # what SDP said
         self.peer: RelaySocket | None = None
+        self.partner: RelaySocket | None = None  # the same leg's RTCP socket (from RTP)
         self.sendto: Callable[[bytes, Address], Any] | None = None
         self.packets = 0
         self.octets = 0
-        self.dropped = 0          # from a source other than the latched one
+        self.dropped = 0          # not relayed: from a source other than the accepted one
         self.unroutable = 0       # accepted but the other side has no destination yet
         self.send_errors = 0      # sendto failed (EAGAIN, ICMP unreachable...)
-        self.latches = 0          # NAT latches performed
+        self.latches = 0          # learnt sources other than the signalled one
+        self.rebinds = 0          # NAT rebindings followed (same SSRC, new address)
+        self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.closed = False
-        self._mark = 0            # packets count when the current SDP was learned
-        self._latch_until = 0.0
-        self._latch_any = True    # any source IP may latch (signalled one not public)
+        self.preferred: frozenset[str] = frozenset()  # SDP c= and SIP peer IPs
+        self._sip_hosts: frozenset[str] = frozenset()
+        self._mark = 0            # packets count when the window last opened
+        self._window_until = 0.0
+        self._third_ok = True     # a third IP may latch (signalled one not public)
+        self._third_after: float | None = None  # confirmed + grace; None: not confirmed
+        self._tentative = False   # latched onto a third IP: a preferred one may still win
+        self._follow: str | None = None  # RTCP: the IP its RTP socket latched onto
+        self._cand: Address | None = None  # rebinding candidate (RTP)
+        self._cand_at = 0.0
+        self._cand_count = 0
+        self._cand_seq = 0
         self.ipv6 = False         # the socket is AF_INET6
         self.wide = False         # sources arrive as IPv6 four-field tuples (RelayPort)
 
@@ -94,9 +139,13 @@ class RelaySocket(DatagramProtocol):
         takes (set-up time only, never per packet)."""
         if not self.ipv6:
             return (host, port)
-        if ":" not in host:
-            host = "::ffff:" + host  # IPv4-mapped: reachable from a dual-stack socket
-        return (host, port, 0, 0) if self.wide else (host, port)
+        return (self.host_form(host), port, 0, 0) if self.wide else (self.host_form(host), port)
+
+    def host_form(self, host: str) -> str:
+        """The IP as this socket's sources name it (IPv4-mapped on an IPv6 socket)."""
+        if self.ipv6 and ":" not in host:
+            return "::ffff:" + host  # IPv4-mapped: reachable from a dual-stack socket
+        return host
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
         if addr == self.src:
@@ -114,21 +163,104 @@ class RelaySocket(DatagramProtocol):
         else:
             self._foreign(data, addr)
 
+    # -- learning (slow path: a source other than the accepted one) ----------------------
+    def check(self, data: bytes) -> str | None:
+        """Why ``data`` may not latch, or None: an RTCP packet is version 2 with a packet
+        type of 200-207 (RFC 3550 §6.4, RFC 5761 §4 ranges)."""
+        if len(data) < 8 or data[0] >> 6 != 2:
+            return "malformed"
+        if not 200 <= data[1] <= 207:
+            return "payload_type"
+        return None
+
     def _foreign(self, data: bytes, addr: Address) -> None:
-        """Slow path: a packet from a source other than the latched one."""
-        if (not self.closed and self.packets == self._mark
-                and (self._latch_any or addr[0] == self.signalled[0])  # type: ignore[index]
-                and self._seconds() < self._latch_until):
-            hold = self.dst is None and self.src is not None
-            self.src = addr
-            if not hold:
-                self.dst = addr
-            self.latches += 1
-            log.debug("%s socket latched onto %s:%d (signalled %s)", self.kind, addr[0],
-                      addr[1], self.signalled)
-            self.datagramReceived(data, addr)
+        """A packet from a source other than the accepted one: learn, rebind or drop."""
+        if self.closed:
+            self._reject("locked")
+            return
+        now = self._seconds()
+        if self.packets != self._mark:  # the accepted source spoke since the window opened
+            if (self._tentative and now < self._window_until
+                    and (addr[0] in self.preferred or addr[0] == self._follow)):
+                reason = self.check(data)
+                if reason is None:
+                    self._latch(data, addr, False)
+                    return
+            elif self._rebind(data, addr, now):
+                return
+            self._reject("locked")
+            return
+        if now >= self._window_until:
+            self._reject("window_closed")
+            return
+        reason = self.check(data)
+        if reason is not None:
+            self._reject(reason)
+        elif addr[0] in self.preferred or addr[0] == self._follow:
+            self._latch(data, addr, False)
+        elif self._third_ok and self._third_after is not None and now >= self._third_after:
+            self._latch(data, addr, True)
         else:
-            self.dropped += 1
+            self._reject("unverified")
+
+    def _reject(self, reason: str) -> None:
+        self.dropped += 1
+        self.rejected[reason] += 1
+
+    def _latch(self, data: bytes, addr: Address, tentative: bool) -> None:
+        self._move(addr)
+        self.latches += 1
+        self._tentative = tentative
+        log.debug("%s socket latched onto %s:%d (signalled %s)", self.kind, addr[0],
+                  addr[1], self.signalled)
+        self.datagramReceived(data, addr)
+
+    def _move(self, addr: Address) -> None:
+        """Accept ``addr`` as the source and, symmetric RTP (RFC 4961), as destination."""
+        hold = self.dst is None and self.src is not None
+        self.src = addr
+        if not hold:
+            self.dst = addr
+        self._cand = None
+        if self.partner is not None:
+            self.partner._follow = addr[0]
+
+    def _rebind(self, data: bytes, addr: Address, now: float) -> bool:
+        """RTCP follows its RTP socket: once RTP latched or rebound onto another IP, the
+        first valid RTCP packet from that IP takes the RTCP latch."""
+        follow = self._follow
+        if (follow is None or addr[0] != follow or self.src is None
+                or self.src[0] == follow or self.check(data) is not None):
+            return False
+        self._move(addr)
+        self._follow = None
+        self.rebinds += 1
+        self.datagramReceived(data, addr)
+        return True
+
+    # -- signalling input ---------------------------------------------------------------
+    def open_window(self, until: float) -> None:
+        """(Re)open learning until ``until``: the source last accepted must speak again
+        to stay locked, so silence during ringing never locks onto a dead address."""
+        self._window_until = max(self._window_until, until)
+        self._mark = self.packets
+        self._cand = None
+
+    def confirm(self, now: float, window: float) -> None:
+        """The side's dialog is confirmed: re-open the window; a third IP may latch
+        after a grace period in which the real phone has had its chance."""
+        self._third_after = now + min(THIRD_PARTY_GRACE, window / 2.0)
+        self.open_window(now + window)
+
+    def sip_hosts(self, hosts: Iterable[str]) -> None:
+        """The IPs the side's SIP comes from (its NAT's public address): preferred."""
+        self._sip_hosts = frozenset(self.host_form(h) for h in hosts)
+        self._prefer()
+
+    def _prefer(self) -> None:
+        signalled = self.signalled
+        hosts = self._sip_hosts
+        self.preferred = hosts | {signalled[0]} if signalled is not None else hosts
 
     def expect(self, host: str | None, port: int, latch_until: float) -> None:
         """Learn the source SDP signalled (host None: unknown, e.g. a host name)."""
@@ -138,9 +270,10 @@ class RelaySocket(DatagramProtocol):
             return
         self.signalled = addr
         self.src = self.dst = addr
-        self._mark = self.packets
-        self._latch_until = latch_until
-        self._latch_any = host is None or not ip_address(host).is_global
+        self._tentative = False
+        self._third_ok = host is None or not ip_address(host).is_global
+        self._prefer()
+        self.open_window(latch_until)
 
     def hold_null(self) -> None:
         """RFC 2543 hold (c=0.0.0.0): send nothing toward this side, keep the latch."""
@@ -156,11 +289,17 @@ class RtpSocket(RelaySocket):
 
     ``datagramReceived`` repeats the parent's fast path on purpose: calling it through
     ``super()`` would add a frame per packet on the hottest path of the PBX.
+    ``payload_types`` is the session's table of negotiated payload types (shared by both
+    RTP sockets, updated in place as SDP is learnt).
     """
 
-    def __init__(self, seconds: Callable[[], float], qos: StreamQoS) -> None:
+    kind = "rtp"
+
+    def __init__(self, seconds: Callable[[], float], qos: StreamQoS,
+                 payload_types: bytearray | None = None) -> None:
         super().__init__(seconds)
         self.qos = qos
+        self.payload_types = payload_types if payload_types is not None else bytearray(128)
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
         if addr == self.src:
@@ -178,6 +317,53 @@ class RtpSocket(RelaySocket):
             self.qos.update(data, monotonic())
         else:
             self._foreign(data, addr)
+
+    def check(self, data: bytes) -> str | None:
+        """RTP version 2 (RFC 3550 §5.1) with a payload type from the negotiated SDP
+        (RFC 3551 static or an rtpmap'd dynamic one); RTCP on the RTP port, PT 72-76
+        (RFC 5761 §4), is only accepted if negotiated, which it never is."""
+        if len(data) < 12 or data[0] >> 6 != 2:
+            return "malformed"
+        if not self.payload_types[data[1] & 0x7F]:
+            return "payload_type"
+        return None
+
+    def _rebind(self, data: bytes, addr: Address, now: float) -> bool:
+        """NAT rebinding: the latched stream's SSRC, its sequence numbers continuing
+        (within ``REBIND_SEQ_WINDOW``), from a new address, after the latched source has
+        been silent for ``REBIND_SILENCE`` while the new one kept sending.
+
+        The SSRC is 32 random bits (RFC 3550 §8) that an off-path attacker does not see;
+        two sources sending the same SSRC at once are a collision or a loop (§8.2), never
+        a reason to switch, hence the silence condition.
+        """
+        if self.check(data) is not None:
+            return False
+        qos = self.qos
+        _first, _second, seq, _ts, ssrc = _unpack_header(data)
+        if ssrc != qos.ssrc:
+            return False
+        if self._cand != addr:
+            if not 0 < (seq - qos.max_seq) & 0xFFFF <= REBIND_SEQ_WINDOW:
+                return False
+            self._cand, self._cand_at, self._cand_seq = addr, now, seq
+            self._cand_count = self.packets
+            return False
+        if not 0 < (seq - self._cand_seq) & 0xFFFF <= REBIND_SEQ_WINDOW:
+            return False
+        self._cand_seq = seq
+        if self.packets != self._cand_count:  # the latched source still speaks
+            self._cand_at, self._cand_count = now, self.packets
+            return False
+        if now - self._cand_at < REBIND_SILENCE:
+            return False
+        log.info("rtp socket follows a NAT rebinding of SSRC %08x: %s -> %s", ssrc,
+                 self.src, addr)
+        self._move(addr)
+        self.rebinds += 1
+        self._tentative = False
+        self.datagramReceived(data, addr)
+        return True
 
 
 class RtcpSocket(RelaySocket):
@@ -204,6 +390,22 @@ class RelayLeg:
             return
         self.rtp.expect(host or None, rtp_port, latch_until)
         self.rtcp.expect(rtcp_host or None, rtcp_port, latch_until)
+
+    def open_window(self, until: float) -> None:
+        """Our SDP went to this endpoint: it may start sending now (learn until ``until``)."""
+        self.rtp.open_window(until)
+        self.rtcp.open_window(until)
+
+    def confirm(self, now: float, window: float) -> None:
+        """The endpoint's dialog is confirmed (RFC 3261 §13.2.2.4 / §13.3.1.4)."""
+        self.rtp.confirm(now, window)
+        self.rtcp.confirm(now, window)
+
+    def sip_hosts(self, hosts: Iterable[str]) -> None:
+        """Where the endpoint's SIP comes from: sources at these IPs are preferred."""
+        hosts = tuple(hosts)
+        self.rtp.sip_hosts(hosts)
+        self.rtcp.sip_hosts(hosts)
 
     @property
     def ipv6(self) -> bool:
@@ -259,7 +461,7 @@ def link_legs(a: RelayLeg, b: RelayLeg) -> None:
 
 
 def bind_leg(reactor: Any, allocator: PortAllocator, host: str, qos: StreamQoS, *,
-             attempts: int = 16) -> RelayLeg:
+             attempts: int = 16, payload_types: bytearray | None = None) -> RelayLeg:
     """Allocate a port pair and bind it on ``host``; a busy pair is returned and skipped.
 
     Raises :class:`PortsExhausted` when the range is used up or ``attempts`` pairs in a
@@ -268,7 +470,8 @@ def bind_leg(reactor: Any, allocator: PortAllocator, host: str, qos: StreamQoS, 
     seconds = reactor.seconds
     for _ in range(attempts):
         port = allocator.allocate()
-        rtp, rtcp = RtpSocket(seconds, qos), RtcpSocket(seconds)
+        rtp, rtcp = RtpSocket(seconds, qos, payload_types), RtcpSocket(seconds)
+        rtp.partner = rtcp
         try:
             rtp_port = _listen(reactor, port, rtp, host)
         except CannotListenError:

@@ -26,7 +26,7 @@ from twisted.internet import defer
 
 from pbx.media.ports import PortAllocator
 from pbx.media.qos import StreamQoS, estimate_mos
-from pbx.media.relay import RelayLeg, bind_leg, link_legs
+from pbx.media.relay import REJECT_REASONS, RelayLeg, bind_leg, link_legs
 from pbx.sip import sdp as sdplib
 from pbx.statechart_timers import TimedChartModel
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CODECS = ("PCMU", "PCMA", "G722", "telephone-event")
 Side = Literal["a", "b"]
 _OTHER: dict[str, Side] = {"a": "b", "b": "a"}
+MAX_SIP_HOSTS = 4  # preferred SIP peer IPs per side (forks of one call): a bounded set
 
 
 class DirectionStats(TypedDict):
@@ -51,6 +52,9 @@ class DirectionStats(TypedDict):
     rtcp_packets: int
     dropped: int
     latched: str | None
+    latches: int
+    rebinds: int
+    rejected: dict[str, int]
 
 
 class MediaStats(TypedDict):
@@ -73,7 +77,8 @@ class MediaSession(TimedChartModel):
         codecs: Iterable[str] = DEFAULT_CODECS,
         media_timeout: float = 60.0,
         hold_timeout: float | None = 3600.0,
-        nat_latch_window: float = 2.0,
+        learning_window: float = 5.0,
+        nat_latch_window: float | None = None,
         on_timeout: Callable[[MediaSession], Any] | None = None,
         reap_delay: float = 32.0,
         bind_attempts: int = 16,
@@ -95,7 +100,12 @@ class MediaSession(TimedChartModel):
         # Sampling four times per timeout bounds detection to [T, 1.25 T] of silence.
         self.media_check_interval = media_timeout / 4.0
         self.hold_check_interval = hold_timeout / 4.0 if hold_timeout else None
-        self.nat_latch_window = nat_latch_window
+        # rtp.learning_window; nat_latch_window is its former name, still accepted.
+        self.learning_window = (learning_window if nat_latch_window is None
+                                else nat_latch_window)
+        # Payload types negotiated in any SDP of the relayed stream: what may latch.
+        self.payload_types = bytearray(128)
+        self._sip_hosts: dict[str, tuple[str, ...]] = {"a": (), "b": ()}
         self.on_timeout = on_timeout
         self.reap_delay = reap_delay
         self.bind_attempts = bind_attempts
@@ -123,6 +133,30 @@ class MediaSession(TimedChartModel):
         if self.local_for is not None and peer_host:
             self.local[side] = self.local_for(peer_host)
 
+    def expect(self, side: Side, sip_host: str | None) -> None:
+        """``side``'s SIP comes from ``sip_host`` (its NAT's public address when it is
+        behind one): RTP/RTCP from that IP is preferred when learning.  Callable before
+        or after :meth:`start`; a few hosts per side are kept (one per fork target)."""
+        literal = _literal(sip_host)
+        if literal is None or literal in ("0.0.0.0", "::"):
+            return
+        hosts = tuple(h for h in self._sip_hosts[side] if h != literal)
+        self._sip_hosts[side] = (*hosts, literal)[-MAX_SIP_HOSTS:]
+        if side in self.legs:
+            self.legs[side].sip_hosts(self._sip_hosts[side])
+
+    def confirmed(self, side: Side, sip_host: str | None = None) -> None:
+        """``side``'s dialog is confirmed (the callee's 200; our 200 to the caller, and
+        its ACK): learning re-opens for ``learning_window`` s, so a phone that was silent
+        while ringing is not locked to its SDP address.  ``sip_host`` (the answering
+        fork's) replaces the side's preferred SIP hosts."""
+        if sip_host is not None:
+            self._sip_hosts[side] = ()
+            self.expect(side, sip_host)
+        leg = self.legs.get(side)
+        if leg is not None and self.state not in ("closed", "timed_out"):
+            leg.confirm(self.clock.seconds(), self.learning_window)
+
     def start(self) -> None:
         """Bind both legs' port pairs (PortsExhausted propagates, leaving nothing held)."""
         if self.state != "allocating":
@@ -130,7 +164,9 @@ class MediaSession(TimedChartModel):
         try:
             for side in ("a", "b"):
                 self.legs[side] = bind_leg(self.reactor, self.allocator, self.local[side][0],
-                                           self.qos[side], attempts=self.bind_attempts)
+                                           self.qos[side], attempts=self.bind_attempts,
+                                           payload_types=self.payload_types)
+                self.legs[side].sip_hosts(self._sip_hosts[side])
         except Exception:
             self.fire("close")
             raise
@@ -286,10 +322,17 @@ class MediaSession(TimedChartModel):
         out = sdplib.rewrite_media(parsed, index, address=self.local[other][1],
                                    port=self.legs[other].port,
                                    origin=self._origin(other, 0), codecs=self.codecs)
+        table = self.payload_types
+        for pt in media.formats:
+            if pt.isascii() and pt.isdigit() and int(pt) < 128:
+                table[int(pt)] = 1
         leg, bind = self.legs[side], self.local[side][0]
+        until = self.clock.seconds() + self.learning_window
         leg.expect(_reachable(_literal(host), leg.ipv6, bind), media.port,
-                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port,
-                   self.clock.seconds() + self.nat_latch_window)
+                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port, until)
+        # Our SDP toward ``other`` is sent now (INVITE, 18x, 200, re-INVITE and answers):
+        # that side can start sending from its real address.
+        self.legs[other].open_window(until)
         self._tune_qos(side, out, index)
         key = sdplib.serialize(out)
         if other in self._last_sent and key != self._last_sent[other]:
@@ -335,6 +378,10 @@ class MediaSession(TimedChartModel):
             "rtcp_packets": leg.rtcp.packets if leg else 0,
             "dropped": (leg.rtp.dropped + leg.rtcp.dropped) if leg else 0,
             "latched": _hostport(latched[0], latched[1]) if latched else None,
+            "latches": (leg.rtp.latches + leg.rtcp.latches) if leg else 0,
+            "rebinds": (leg.rtp.rebinds + leg.rtcp.rebinds) if leg else 0,
+            "rejected": ({r: leg.rtp.rejected[r] + leg.rtcp.rejected[r]
+                          for r in REJECT_REASONS} if leg else dict.fromkeys(REJECT_REASONS, 0)),
         }
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pbx.media import REJECT_REASONS
 from pbx.ops.health import HealthMonitor
 from pbx.ops.sources import ServiceView
 from pbx.sip import method_label, status_label
@@ -70,6 +71,19 @@ class CallMetrics:
         self.rtp_jitter = Histogram(
             "pbx_rtp_jitter_seconds", "Interarrival jitter per RTP stream at its end "
             "(RFC 3550 §6.4.1)", buckets=JITTER_BUCKETS, registry=registry)
+        # Media address learning (pbx.media.relay): sources learnt other than the
+        # signalled one, NAT rebindings followed, and packets not relayed by reason
+        # (a fixed label set: pbx.media.REJECT_REASONS).
+        self.rtp_latched = Counter("pbx_rtp_latched", "RTP/RTCP sockets latched onto a "
+                                   "source other than the one signalled in SDP",
+                                   registry=registry)
+        self.rtp_rebinds = Counter("pbx_rtp_rebinds", "NAT rebindings followed (same "
+                                   "SSRC, continuing sequence, new address)",
+                                   registry=registry)
+        self.rtp_rejected = Counter("pbx_rtp_rejected_packets", "RTP/RTCP packets not "
+                                    "relayed, by reason", ["reason"], registry=registry)
+        for reason in REJECT_REASONS:
+            self.rtp_rejected.labels(reason)
         self.hook_errors = 0
 
     def call_setup(self, seconds: float) -> None:
@@ -86,6 +100,15 @@ class CallMetrics:
         self.rtp_lost.labels(direction).inc(max(0, int(lost)))
         if jitter_seconds is not None and packets:
             self.rtp_jitter.observe(max(0.0, float(jitter_seconds)))
+
+    def rtp_learning(self, *, latches: int = 0, rebinds: int = 0,
+                     rejected: dict[str, int] | None = None) -> None:
+        """Address-learning totals of one direction; unknown reasons are not exported."""
+        self.rtp_latched.inc(max(0, int(latches)))
+        self.rtp_rebinds.inc(max(0, int(rebinds)))
+        for reason, count in (rejected or {}).items():
+            if reason in REJECT_REASONS:
+                self.rtp_rejected.labels(reason).inc(max(0, int(count)))
 
     def observe_call(self, call: Any) -> None:
         """A B2BUA ``call_ended_hooks`` entry; never raises into the calls layer."""
@@ -107,6 +130,9 @@ class CallMetrics:
                     self.rtp_stream(direction, packets=stats.get("packets", 0),
                                     lost=stats.get("lost", 0),
                                     jitter_seconds=None if jitter is None else jitter / 1000)
+                    self.rtp_learning(latches=stats.get("latches", 0),
+                                      rebinds=stats.get("rebinds", 0),
+                                      rejected=stats.get("rejected") or {})
         except Exception:  # metrics must never break a call's teardown
             self.hook_errors += 1
             log.exception("call metrics: could not read a finished call")

@@ -111,8 +111,15 @@ def test_start_binds_rtp_and_rtcp_for_both_legs(reactor: FakeReactor) -> None:
     assert a % 2 == 0 and b % 2 == 0 and a != b
 
 
+class FirstFree:
+    """An allocator rng that always picks the first free pair (deterministic order)."""
+
+    def randrange(self, _n: int) -> int:
+        return 0
+
+
 def test_a_busy_pair_is_skipped_and_handed_back(reactor: FakeReactor) -> None:
-    alloc = PortAllocator(30000, 30099)
+    alloc = PortAllocator(30000, 30099, rng=FirstFree())  # type: ignore[arg-type]
     reactor.busy = {30001}  # RTCP of the first pair
     session = make(reactor, alloc)
     session.start()
@@ -184,14 +191,20 @@ def test_packets_flow_both_ways_only_from_the_signalled_sources(reactor: FakeRea
 def test_nat_latch_within_window_then_lock(reactor: FakeReactor) -> None:
     session = connected(reactor, nat_latch_window=2.0)
     public = ("198.51.100.9", 31337)
+    session.legs["a"].rtp.datagramReceived(rtp(1), public)  # ringing: a third IP waits
+    assert reactor.sent == []
+    session.confirmed("a")  # our 200 to the caller; the grace passes in silence
     reactor.advance(1.0)
     session.legs["a"].rtp.datagramReceived(rtp(1), public)
     assert reactor.sent[-1][2] == B
     session.legs["b"].rtp.datagramReceived(rtp(1), B)
     assert reactor.sent[-1][2] == public  # symmetric RTP: back to where a sends from
-    session.legs["a"].rtp.datagramReceived(rtp(2), A)  # even the signalled one: locked
-    assert session.stats["a_to_b"]["dropped"] == 1
-    assert session.stats["a_to_b"]["latched"] == "198.51.100.9:31337"
+    session.legs["a"].rtp.datagramReceived(rtp(2), A)  # the signalled one is preferred
+    assert session.stats["a_to_b"]["latched"] == "192.0.2.1:4000"
+    reactor.advance(2.0)  # the window has closed: locked now
+    session.legs["a"].rtp.datagramReceived(rtp(3), public)
+    assert session.stats["a_to_b"]["dropped"] == 2
+    assert session.stats["a_to_b"]["rejected"]["locked"] == 1
 
 
 def test_a_public_signalled_address_only_latches_a_new_port_of_the_same_ip(
