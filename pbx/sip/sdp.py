@@ -176,18 +176,7 @@ def parse(body: bytes | str) -> SessionDescription:
         text = body
     else:
         raise SDPError("SDP must be bytes")
-    lines: list[tuple[str, str]] = []
-    for raw in text.split("\n"):
-        if raw.endswith("\r"):
-            raw = raw[:-1]
-        if not raw:
-            continue  # tolerate blank lines; the canonical form has none
-        if len(raw) < 2 or raw[1] != "=" or not ("a" <= raw[0] <= "z"):
-            raise SDPError(f"malformed SDP line {raw[:40]!r}")
-        value = raw[2:]
-        if "\r" in value or "\x00" in value:
-            raise SDPError("control character in SDP line")
-        lines.append((raw[0], value))
+    lines = _split_lines(text)
     if len(lines) < 3 or lines[0] != ("v", "0"):
         raise SDPError("SDP must start with v=0")
     if lines[1][0] != "o" or lines[2][0] != "s":
@@ -217,6 +206,34 @@ def parse(body: bytes | str) -> SessionDescription:
         if not session_c and media.port != 0 and not any(k == "c" for k, _ in media.lines):
             raise SDPError("media section without a connection address")
     return sdp
+
+
+def _split_lines(text: str) -> list[tuple[str, str]]:
+    """``type=value`` lines (RFC 8866 §5), CRLF or LF ends, blank lines tolerated.
+
+    Fast path for the usual body (no bare CR, no NUL, every line well formed): a few
+    comprehensions instead of a loop with six tests per line.  Anything unusual is
+    re-read by the line loop so the error raised is the one for the first bad line.
+    """
+    if "\x00" not in text:
+        plain = text.replace("\r\n", "\n") if "\r" in text else text
+        if "\r" not in plain:
+            raws = [raw for raw in plain.split("\n") if raw]
+            if all(raw[1:2] == "=" and "a" <= raw[0] <= "z" for raw in raws):
+                return [(raw[0], raw[2:]) for raw in raws]
+    lines: list[tuple[str, str]] = []
+    for raw in text.split("\n"):
+        if raw.endswith("\r"):
+            raw = raw[:-1]
+        if not raw:
+            continue  # tolerate blank lines; the canonical form has none
+        if len(raw) < 2 or raw[1] != "=" or not ("a" <= raw[0] <= "z"):
+            raise SDPError(f"malformed SDP line {raw[:40]!r}")
+        value = raw[2:]
+        if "\r" in value or "\x00" in value:
+            raise SDPError("control character in SDP line")
+        lines.append((raw[0], value))
+    return lines
 
 
 def _parse_origin(value: str) -> Origin:
