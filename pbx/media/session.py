@@ -6,6 +6,14 @@ forward (our address, the other leg's port, the codec filter) and drives the rel
 Behaviour with states lives in ``statecharts/rtp_session.yaml``; this class supplies the
 callbacks.  Timers go through the injected reactor, so tests drive them with a Clock.
 
+What the chart does not show: media address learning, per relay socket (see
+:mod:`pbx.media.relay`).  The session feeds it from signalling: every SDP it rewrites
+toward a side opens that side's learning window (the call sends that SDP at once: our
+INVITE to the callee, our 18x/200 to the caller), :meth:`MediaSession.confirmed` opens
+it again when a side's dialog is confirmed, and :meth:`MediaSession.expect` names the IP
+a side's SIP comes from, whose media is preferred.  The payload types of every SDP of
+the relayed stream form the table of what may latch (RFC 3551; RFC 3264 §6.1).
+
 Address families: each side has its own bind address and advertised address, chosen
 before :meth:`MediaSession.start` with :meth:`MediaSession.place` from that side's SIP
 peer (the B2BUA knows it; ``local_for`` maps a peer host to the pair).  An IPv6 phone
