@@ -191,7 +191,8 @@ class RelaySocket(DatagramProtocol):
             self._reject("locked")
             return
         if now >= self._window_until:
-            self._reject("window_closed")
+            if not self._rebind(data, addr, now):
+                self._reject("window_closed")
             return
         reason = self.check(data)
         if reason is not None:
