@@ -29,8 +29,9 @@ hot path never fires a trigger.
     or an IP the side's SIP comes from (its NAT's public address, given by the call
     through :meth:`MediaSession.expect`) — latches at once;
   - a **third** IP only when the signalled address is not globally routable (the phone
-    does not know its public address), only after the side's dialog is confirmed and a
-    grace of ``THIRD_PARTY_GRACE`` s (the real phone speaks first if it can), and only
+    does not know its public address), only once the side's dialog is confirmed, and
+    ``THIRD_PARTY_GRACE`` s after the latest opening of the window (the real phone,
+    which has our SDP by then, speaks first if it can), and only
     tentatively: a preferred source still takes the latch while the window is open.
     So while the real phone sends from its SDP or SIP address, a third IP never wins,
     and nobody latches while the call rings.
@@ -121,7 +122,8 @@ class RelaySocket(DatagramProtocol):
         self._mark = 0            # packets count when the window last opened
         self._window_until = 0.0
         self._third_ok = True     # a third IP may latch (signalled one not public)
-        self._third_after: float | None = None  # confirmed + grace; None: not confirmed
+        self._confirmed = False   # the side's dialog is confirmed (third IPs considered)
+        self._third_after: float | None = None  # last opening + grace, once confirmed
         self._tentative = False   # latched onto a third IP: a preferred one may still win
         self._follow: str | None = None  # RTCP: the IP its RTP socket latched onto
         self._cand: Address | None = None  # rebinding candidate (RTP)
@@ -240,18 +242,23 @@ class RelaySocket(DatagramProtocol):
         return True
 
     # -- signalling input ---------------------------------------------------------------
-    def open_window(self, until: float) -> None:
-        """(Re)open learning until ``until``: the source last accepted must speak again
-        to stay locked, so silence during ringing never locks onto a dead address."""
-        self._window_until = max(self._window_until, until)
+    def open_window(self, now: float, window: float) -> None:
+        """(Re)open learning for ``window`` s: the source last accepted must speak again
+        to stay locked, so silence during ringing never locks onto a dead address.
+
+        Once the dialog is confirmed, each opening also restarts the grace before a third
+        IP may latch: the real phone, which now has our SDP, gets to speak first."""
+        self._window_until = max(self._window_until, now + window)
         self._mark = self.packets
         self._cand = None
+        if self._confirmed:
+            self._third_after = now + min(THIRD_PARTY_GRACE, window / 2.0)
 
     def confirm(self, now: float, window: float) -> None:
-        """The side's dialog is confirmed: re-open the window; a third IP may latch
-        after a grace period in which the real phone has had its chance."""
-        self._third_after = now + min(THIRD_PARTY_GRACE, window / 2.0)
-        self.open_window(now + window)
+        """The side's dialog is confirmed: re-open the window; from now on a third IP may
+        latch (tentatively) after the grace, if the phone is still silent then."""
+        self._confirmed = True
+        self.open_window(now, window)
 
     def sip_hosts(self, hosts: Iterable[str]) -> None:
         """The IPs the side's SIP comes from (its NAT's public address): preferred."""
@@ -274,7 +281,8 @@ class RelaySocket(DatagramProtocol):
         self._tentative = False
         self._third_ok = host is None or not ip_address(host).is_global
         self._prefer()
-        self.open_window(latch_until)
+        now = self._seconds()
+        self.open_window(now, latch_until - now)
 
     def hold_null(self) -> None:
         """RFC 2543 hold (c=0.0.0.0): send nothing toward this side, keep the latch."""
@@ -392,10 +400,10 @@ class RelayLeg:
         self.rtp.expect(host or None, rtp_port, latch_until)
         self.rtcp.expect(rtcp_host or None, rtcp_port, latch_until)
 
-    def open_window(self, until: float) -> None:
-        """Our SDP went to this endpoint: it may start sending now (learn until ``until``)."""
-        self.rtp.open_window(until)
-        self.rtcp.open_window(until)
+    def open_window(self, now: float, window: float) -> None:
+        """Our SDP went to this endpoint: it may start sending now (learn ``window`` s)."""
+        self.rtp.open_window(now, window)
+        self.rtcp.open_window(now, window)
 
     def confirm(self, now: float, window: float) -> None:
         """The endpoint's dialog is confirmed (RFC 3261 §13.2.2.4 / §13.3.1.4)."""

@@ -335,12 +335,13 @@ class MediaSession(TimedChartModel):
             if pt.isascii() and pt.isdigit() and int(pt) < 128:
                 table[int(pt)] = 1
         leg, bind = self.legs[side], self.local[side][0]
-        until = self.clock.seconds() + self.learning_window
+        now = self.clock.seconds()
         leg.expect(_reachable(_literal(host), leg.ipv6, bind), media.port,
-                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port, until)
+                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port,
+                   now + self.learning_window)
         # Our SDP toward ``other`` is sent now (INVITE, 18x, 200, re-INVITE and answers):
         # that side can start sending from its real address.
-        self.legs[other].open_window(until)
+        self.legs[other].open_window(now, self.learning_window)
         self._tune_qos(side, out, index)
         key = sdplib.serialize(out)
         if other in self._last_sent and key != self._last_sent[other]:
