@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_BAD_VALUE_RE = re.compile(r'[ \t",]')  # not allowed in an unquoted parameter value
 
 COMPACT_FORMS: dict[str, str] = {
     "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length",
@@ -228,7 +229,7 @@ def parse_params(text: str) -> dict[str, str | None]:
                 _, end = _read_quoted(value, 0)
                 if end != len(value):
                     raise SIPParseError("Invalid header parameter")
-            elif any(c in value for c in ' \t",'):
+            elif _BAD_VALUE_RE.search(value) is not None:
                 raise SIPParseError("Invalid header parameter")
             params[name.lower()] = value
         else:
@@ -435,10 +436,9 @@ class Via:
         sent_by = rest[cut:].strip(" \t")
         name = name.strip(" \t")
         version = version.strip(" \t")
-        if (not slash2 or not sent_by or cut == len(rest) or "\n" in ptext
-                or _TOKEN_RE.fullmatch(name) is None
-                or _TOKEN_RE.fullmatch(version) is None
-                or _TOKEN_RE.fullmatch(transport) is None):
+        # One token match over the three joined (each must also be non-empty).
+        if (not slash2 or not sent_by or not name or not version or not transport
+                or "\n" in ptext or _TOKEN_RE.fullmatch(name + version + transport) is None):
             raise SIPParseError("Invalid Via")
         ptext = semi + ptext
         if " " in sent_by or "\t" in sent_by:  # LWS is only allowed around the colon

@@ -41,7 +41,6 @@ _NEEDS_QUOTE = {
 # One character class, so ``fullmatch`` cannot backtrack; the first/last character
 # rules of the hostname grammar are checked separately (see _is_hostname).
 _HOST_CHARS_RE = re.compile(r"[A-Za-z0-9_.\-]+")
-_HOST_EDGE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
 
@@ -109,13 +108,11 @@ def _is_hostname(host: str) -> bool:
     backtracking pattern: the body is one character class, the ends are tested
     directly.  An optional final dot (a fully qualified name) is allowed once.
     """
-    core = host[:-1] if host[-1:] == "." else host
-    if not core or core[0] not in _HOST_EDGE:
+    if _HOST_CHARS_RE.fullmatch(host) is None:
         return False
-    if len(core) == 1:
-        return True
-    return (core[-1] == "_" or core[-1] in _HOST_EDGE) and \
-        _HOST_CHARS_RE.fullmatch(core) is not None
+    core = host[:-1] if host[-1] == "." else host
+    # the charset is alnum plus "-._": the ends just exclude the non-alnum ones
+    return bool(core) and core[0] not in "-._" and core[-1] not in "-."
 
 
 def parse_hostport(text: str) -> tuple[str, int | None]:
