@@ -33,6 +33,7 @@ hot path never fires a trigger.
     ``THIRD_PARTY_GRACE`` s after the latest opening of the window (the real phone,
     which has our SDP by then, speaks first if it can), and only
     tentatively: a preferred source still takes the latch while the window is open.
+    RTCP never latches a third IP on its own: it follows the IP its RTP socket took.
     So while the real phone sends from its SDP or SIP address, a third IP never wins,
     and nobody latches while the call rings.
 
@@ -98,7 +99,10 @@ class RelaySocket(DatagramProtocol):
     noisy = False  # one relay socket pair per leg: no start/stop lines per call
 
     kind = "rtp"
-    min_length = 8  # an RTCP header (RFC 3550 §6.4.1); RTP needs 12
+    # Whether a third IP may latch this socket on its own (after the grace).  RTCP may
+    # not: its first report comes 2.5-5 s in (RFC 3550 §6.2), long after any grace, so a
+    # third IP is trusted for RTCP only once its RTP socket latched onto that IP.
+    third_party = True
 
     def __init__(self, seconds: Callable[[], float]) -> None:
         self._seconds = seconds
@@ -201,7 +205,8 @@ class RelaySocket(DatagramProtocol):
             self._reject(reason)
         elif addr[0] in self.preferred or addr[0] == self._follow:
             self._latch(data, addr, False)
-        elif self._third_ok and self._third_after is not None and now >= self._third_after:
+        elif (self.third_party and self._third_ok and self._third_after is not None
+              and now >= self._third_after):
             self._latch(data, addr, True)
         else:
             self._reject("unverified")
@@ -376,7 +381,10 @@ class RtpSocket(RelaySocket):
 
 
 class RtcpSocket(RelaySocket):
+    """The RTCP socket: relayed as is; learns preferred IPs and the one RTP latched."""
+
     kind = "rtcp"
+    third_party = False
 
 
 class RelayLeg:

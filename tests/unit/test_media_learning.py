@@ -249,3 +249,18 @@ def test_learning_totals_reach_the_metrics(reactor: FakeReactor) -> None:
     assert 'pbx_rtp_rejected_packets_total{reason="locked"} 1.0' in text
     assert "bogus" not in text
     assert all(f'reason="{r}"' in text for r in REJECT_REASONS)
+
+
+def test_rtcp_never_latches_a_third_ip_on_its_own(reactor: FakeReactor) -> None:
+    media = session(reactor)
+    media.offer_from_a(sdp(A_SDP[1], A_SDP[0]))
+    media.answer_from_b(sdp(B_SDP[1], B_SDP[0]))
+    media.confirmed("a")
+    reactor.advance(2.0)  # past the grace: RTP would take a third IP now, RTCP does not
+    rtcp_a = media.legs["a"].rtcp
+    rtcp_a.datagramReceived(rtcp(), ATTACKER)
+    assert rtcp_a.rejected["unverified"] == 1 and reactor.sent == []
+    elsewhere = ("192.0.2.77", 7000)
+    media.legs["a"].rtp.datagramReceived(rtp(1), elsewhere)  # RTP takes that IP...
+    rtcp_a.datagramReceived(rtcp(), ("192.0.2.77", 7001))   # ...so RTCP may follow
+    assert rtcp_a.src == ("192.0.2.77", 7001)
