@@ -206,14 +206,21 @@ class SIPStreamProtocol(protocol.Protocol):
         self._timer = None
         self.owner.connection_lost(self)
 
-    def drop(self, why: str) -> None:
-        """Close for a limit or a framing error, counted once under ``why``."""
+    def drop(self, why: str, *, graceful: bool = False) -> None:
+        """Close for a limit or a framing error, counted once under ``why``.
+
+        Limits abort (a peer that does not read would hold a graceful close open for
+        ever); a framing error closes gracefully, flushing what was already written.
+        """
         if self.closing is not None or self.transport is None:
             return
         self.closing = why
         self.owner.stats.dropped[why] += 1
         log.debug("closing %s connection from %s: %s", self.kind.upper(), self.peer, why)
-        self.transport.abortConnection()
+        if graceful and self.paused_bytes is None:
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
 
     # -- receiving ----------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -226,7 +233,7 @@ class SIPStreamProtocol(protocol.Protocol):
             frames = framer.feed(data)
         except SIPParseError as err:
             log.debug("%s framing error from %s: %s", self.kind, self.peer, err.reason)
-            self.drop("stream_framing")
+            self.drop("stream_framing", graceful=True)
             return
         if framer.take_pings():
             self.write(b"\r\n")  # RFC 5626 §3.5.1 pong
