@@ -89,6 +89,35 @@ REBIND_SEQ_WINDOW = 100   # sequence numbers a rebinding may skip (lost packets)
 _unpack_header = Struct("!BBHII").unpack_from  # RFC 3550 §5.1 fixed header, no CSRCs
 
 
+class _Learning:
+    """A socket's address-learning state, read only off the hot path.
+
+    A separate slotted object, not socket attributes: CPython 3.11 keeps an instance's
+    attributes inline (and its attribute loads specialised) only while the class's
+    shared key table stays small (30 keys); the hot path's ``self.src``/``self.packets``
+    must not pay for the learning rules.
+    """
+
+    __slots__ = ("cand", "cand_at", "cand_count", "cand_seq", "confirmed", "follow",
+                 "mark", "preferred", "sip_hosts", "tentative", "third_after", "third_ok",
+                 "window_until")
+
+    def __init__(self) -> None:
+        self.preferred: frozenset[str] = frozenset()  # SDP c= and SIP peer IPs
+        self.sip_hosts: frozenset[str] = frozenset()
+        self.mark = 0              # the socket's packet count when the window last opened
+        self.window_until = 0.0
+        self.third_ok = True       # a third IP may latch (the signalled one is not public)
+        self.confirmed = False     # the side's dialog is confirmed (third IPs considered)
+        self.third_after: float | None = None  # last opening + grace, once confirmed
+        self.tentative = False     # latched onto a third IP: a preferred one may still win
+        self.follow: str | None = None  # RTCP: the IP its RTP socket latched onto
+        self.cand: Address | None = None  # rebinding candidate (RTP)
+        self.cand_at = 0.0
+        self.cand_count = 0
+        self.cand_seq = 0
+
+
 class RelaySocket(DatagramProtocol):
     """One bound UDP socket of one leg; forwards what its endpoint sends to ``peer``.
 
@@ -121,24 +150,17 @@ class RelaySocket(DatagramProtocol):
         self.rebinds = 0          # NAT rebindings followed (same SSRC, new address)
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.closed = False
-        self.preferred: frozenset[str] = frozenset()  # SDP c= and SIP peer IPs
-        self._sip_hosts: frozenset[str] = frozenset()
-        self._mark = 0            # packets count when the window last opened
-        self._window_until = 0.0
-        self._third_ok = True     # a third IP may latch (signalled one not public)
-        self._confirmed = False   # the side's dialog is confirmed (third IPs considered)
-        self._third_after: float | None = None  # last opening + grace, once confirmed
-        self._tentative = False   # latched onto a third IP: a preferred one may still win
-        self._follow: str | None = None  # RTCP: the IP its RTP socket latched onto
-        self._cand: Address | None = None  # rebinding candidate (RTP)
-        self._cand_at = 0.0
-        self._cand_count = 0
-        self._cand_seq = 0
+        self._l = _Learning()     # slow-path state, kept off the instance dict (see _Learning)
         self.ipv6 = False         # the socket is AF_INET6
         self.wide = False         # sources arrive as IPv6 four-field tuples (RelayPort)
 
     def startProtocol(self) -> None:
         self.sendto = self.transport.socket.sendto  # type: ignore[union-attr]
+
+    @property
+    def preferred(self) -> frozenset[str]:
+        """The IPs whose sources latch at once: the SDP ``c=`` IP and the SIP peers'."""
+        return self._l.preferred
 
     def address(self, host: str, port: int) -> Address:
         """``host:port`` in the form this socket's ``recvfrom`` reports and ``sendto``
@@ -185,9 +207,9 @@ class RelaySocket(DatagramProtocol):
             self._reject("locked")
             return
         now = self._seconds()
-        if self.packets != self._mark:  # the accepted source spoke since the window opened
-            if (self._tentative and now < self._window_until
-                    and (addr[0] in self.preferred or addr[0] == self._follow)):
+        if self.packets != self._l.mark:  # the accepted source spoke since the window opened
+            if (self._l.tentative and now < self._l.window_until
+                    and (addr[0] in self.preferred or addr[0] == self._l.follow)):
                 reason = self.check(data)
                 if reason is None:
                     self._latch(data, addr, False)
@@ -196,17 +218,17 @@ class RelaySocket(DatagramProtocol):
                 return
             self._reject("locked")
             return
-        if now >= self._window_until:
+        if now >= self._l.window_until:
             if not self._rebind(data, addr, now):
                 self._reject("window_closed")
             return
         reason = self.check(data)
         if reason is not None:
             self._reject(reason)
-        elif addr[0] in self.preferred or addr[0] == self._follow:
+        elif addr[0] in self.preferred or addr[0] == self._l.follow:
             self._latch(data, addr, False)
-        elif (self.third_party and self._third_ok and self._third_after is not None
-              and now >= self._third_after):
+        elif (self.third_party and self._l.third_ok and self._l.third_after is not None
+              and now >= self._l.third_after):
             self._latch(data, addr, True)
         else:
             self._reject("unverified")
@@ -218,7 +240,7 @@ class RelaySocket(DatagramProtocol):
     def _latch(self, data: bytes, addr: Address, tentative: bool) -> None:
         self._move(addr)
         self.latches += 1
-        self._tentative = tentative
+        self._l.tentative = tentative
         log.debug("%s socket latched onto %s:%d (signalled %s)", self.kind, addr[0],
                   addr[1], self.signalled)
         self.datagramReceived(data, addr)
@@ -229,19 +251,19 @@ class RelaySocket(DatagramProtocol):
         self.src = addr
         if not hold:
             self.dst = addr
-        self._cand = None
+        self._l.cand = None
         if self.partner is not None:
-            self.partner._follow = addr[0]
+            self.partner._l.follow = addr[0]
 
     def _rebind(self, data: bytes, addr: Address, now: float) -> bool:
         """RTCP follows its RTP socket: once RTP latched or rebound onto another IP, the
         first valid RTCP packet from that IP takes the RTCP latch."""
-        follow = self._follow
+        follow = self._l.follow
         if (follow is None or addr[0] != follow or self.src is None
                 or self.src[0] == follow or self.check(data) is not None):
             return False
         self._move(addr)
-        self._follow = None
+        self._l.follow = None
         self.rebinds += 1
         self.datagramReceived(data, addr)
         return True
@@ -253,27 +275,27 @@ class RelaySocket(DatagramProtocol):
 
         Once the dialog is confirmed, each opening also restarts the grace before a third
         IP may latch: the real phone, which now has our SDP, gets to speak first."""
-        self._window_until = max(self._window_until, now + window)
-        self._mark = self.packets
-        self._cand = None
-        if self._confirmed:
-            self._third_after = now + min(THIRD_PARTY_GRACE, window / 2.0)
+        self._l.window_until = max(self._l.window_until, now + window)
+        self._l.mark = self.packets
+        self._l.cand = None
+        if self._l.confirmed:
+            self._l.third_after = now + min(THIRD_PARTY_GRACE, window / 2.0)
 
     def confirm(self, now: float, window: float) -> None:
         """The side's dialog is confirmed: re-open the window; from now on a third IP may
         latch (tentatively) after the grace, if the phone is still silent then."""
-        self._confirmed = True
+        self._l.confirmed = True
         self.open_window(now, window)
 
     def sip_hosts(self, hosts: Iterable[str]) -> None:
         """The IPs the side's SIP comes from (its NAT's public address): preferred."""
-        self._sip_hosts = frozenset(self.host_form(h) for h in hosts)
+        self._l.sip_hosts = frozenset(self.host_form(h) for h in hosts)
         self._prefer()
 
     def _prefer(self) -> None:
         signalled = self.signalled
-        hosts = self._sip_hosts
-        self.preferred = hosts | {signalled[0]} if signalled is not None else hosts
+        hosts = self._l.sip_hosts
+        self._l.preferred = hosts | {signalled[0]} if signalled is not None else hosts
 
     def expect(self, host: str | None, port: int, latch_until: float) -> None:
         """Learn the source SDP signalled (host None: unknown, e.g. a host name)."""
@@ -283,8 +305,8 @@ class RelaySocket(DatagramProtocol):
             return
         self.signalled = addr
         self.src = self.dst = addr
-        self._tentative = False
-        self._third_ok = host is None or not ip_address(host).is_global
+        self._l.tentative = False
+        self._l.third_ok = host is None or not ip_address(host).is_global
         self._prefer()
         now = self._seconds()
         self.open_window(now, latch_until - now)
@@ -357,25 +379,25 @@ class RtpSocket(RelaySocket):
         _first, _second, seq, _ts, ssrc = _unpack_header(data)
         if ssrc != qos.ssrc:
             return False
-        if self._cand != addr:
+        if self._l.cand != addr:
             if not 0 < (seq - qos.max_seq) & 0xFFFF <= REBIND_SEQ_WINDOW:
                 return False
-            self._cand, self._cand_at, self._cand_seq = addr, now, seq
-            self._cand_count = self.packets
+            self._l.cand, self._l.cand_at, self._l.cand_seq = addr, now, seq
+            self._l.cand_count = self.packets
             return False
-        if not 0 < (seq - self._cand_seq) & 0xFFFF <= REBIND_SEQ_WINDOW:
+        if not 0 < (seq - self._l.cand_seq) & 0xFFFF <= REBIND_SEQ_WINDOW:
             return False
-        self._cand_seq = seq
-        if self.packets != self._cand_count:  # the latched source still speaks
-            self._cand_at, self._cand_count = now, self.packets
+        self._l.cand_seq = seq
+        if self.packets != self._l.cand_count:  # the latched source still speaks
+            self._l.cand_at, self._l.cand_count = now, self.packets
             return False
-        if now - self._cand_at < REBIND_SILENCE:
+        if now - self._l.cand_at < REBIND_SILENCE:
             return False
         log.info("rtp socket follows a NAT rebinding of SSRC %08x: %s -> %s", ssrc,
                  self.src, addr)
         self._move(addr)
         self.rebinds += 1
-        self._tentative = False
+        self._l.tentative = False
         self.datagramReceived(data, addr)
         return True
 
