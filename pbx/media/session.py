@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 from twisted.internet import defer
 
+from pbx.media import negotiation
 from pbx.media.ports import PortAllocator
 from pbx.media.qos import StreamQoS, estimate_mos
 from pbx.media.relay import REJECT_REASONS, RelayLeg, bind_leg, link_legs
@@ -121,6 +122,11 @@ class MediaSession(TimedChartModel):
         self.qos: dict[str, StreamQoS] = {"a": StreamQoS(), "b": StreamQoS()}
         self._index: int | None = None      # the relayed m-line
         self._held = False
+        # RFC 3264 offer/answer: the offer awaiting its answer, the last answered one
+        # (later answers to it: 183 then 200, forks) and (m-line, negotiated direction).
+        self._pending: _Offer | None = None
+        self._answered: _Offer | None = None
+        self._current: tuple[int, str] | None = None
         self._sess_id = str(random.getrandbits(62))
         self._origins: dict[str, sdplib.Origin] = {}
         self._last_sent: dict[str, bytes] = {}
@@ -199,31 +205,68 @@ class MediaSession(TimedChartModel):
         return self.answer(side, sdp)
 
     def offer(self, side: Side, sdp: bytes) -> bytes:
-        """Any offer from ``side`` (also offerless INVITE: the 200's offer from b)."""
+        """Any offer from ``side`` (also an offerless INVITE's: the 2xx's offer from b).
+
+        RFC 3264 §8: a re-offer changes nothing until it is answered (:meth:`answer`) and
+        :meth:`reject_offer` forgets it; only the first offer of the session, for which
+        there is nothing to keep, is learned at once (early media may come before any
+        answer is relayed).  Raises :class:`~pbx.media.negotiation.NegotiationError`
+        (304) when no codec of ours is offered.
+        """
         self._require_open()
         parsed = sdplib.parse(sdp)
         index = _pick_stream(parsed)
-        out = self._exchange(side, parsed, index)
-        self._index = index
-        self._held = sdplib.is_hold(parsed, parsed.media[index])
-        self._sync_hold()
+        negotiation.require_codec(parsed.media[index], self.codecs)
+        out = self._rewrite(side, parsed, index)
+        self._pending = _Offer(side, parsed, sdplib.parse(out), index)
+        if self._current is None:
+            self._learn(side, parsed, index)
+            self._pending.learned = True
         return out
 
     def answer(self, side: Side, sdp: bytes) -> bytes:
-        """Any answer from ``side``; the first one makes the session active."""
+        """Any answer from ``side`` to the pending offer; the first one makes the session
+        active.  The answer relayed is shaped by :func:`negotiation.shape_answer` (the
+        offer's m-lines, a subset of its codecs, a §6.1 direction, the same profile);
+        the session's hold state is the direction negotiated by offer *and* answer.
+        Several answers to one offer (183 then 200, or another fork's) are allowed."""
         self._require_open()
-        if self._index is None:
+        offer = self._pending or self._answered
+        if offer is None or offer.side == side:
             raise sdplib.SDPError("answer without an offer")
         parsed = sdplib.parse(sdp)
-        index = self._index
-        if index >= len(parsed.media) or parsed.media[index].port == 0:
-            raise sdplib.SDPError("the answer rejected the audio stream")
-        out = self._exchange(side, parsed, index)
+        shaped = negotiation.shape_answer(offer.sent, parsed, offer.index)
+        if not offer.learned:
+            self._learn(offer.side, offer.received, offer.index)
+            offer.learned = True
+        self._learn(side, shaped, offer.index)
+        out = self._rewrite(side, shaped, offer.index)
+        offered = offer.received.media[offer.index]
+        direction = negotiation.negotiated_direction(
+            negotiation.media_direction(offer.received, offered),
+            negotiation.media_direction(shaped, shaped.media[offer.index]))
+        self._current = (offer.index, direction)
+        self._answered, self._pending = offer, None
+        self._index = offer.index
+        self._held = direction != "sendrecv"
         if self.state == "waiting":
             self.answered_at = self.clock.seconds()
         self.fire("answered")
         self._sync_hold()
         return out
+
+    def reject_offer(self, side: Side | None = None) -> None:
+        """The pending offer (from ``side``, if given) failed (a re-INVITE's non-2xx):
+        it is forgotten and the session keeps the addresses, codecs and direction of the
+        last completed exchange (RFC 3264 §8; RFC 6337 §3.1)."""
+        pending = self._pending
+        if pending is not None and (side is None or pending.side == side):
+            self._pending = None
+
+    @property
+    def direction(self) -> str | None:
+        """The relayed stream's negotiated direction seen from the last offerer."""
+        return self._current[1] if self._current is not None else None
 
     def close(self) -> defer.Deferred[Any]:
         """Stop relaying and release every port exactly once; idempotent.
@@ -314,9 +357,8 @@ class MediaSession(TimedChartModel):
         elif not self._held and self.state == "on_hold":
             self.fire("resume")
 
-    def _exchange(self, side: Side, parsed: sdplib.SessionDescription, index: int) -> bytes:
-        """Learn ``side``'s media address from its SDP; return the SDP for the other side."""
-        other = _OTHER[side]
+    def _learn(self, side: Side, parsed: sdplib.SessionDescription, index: int) -> None:
+        """Where ``side`` wants media, from its SDP (an offer or answer in effect)."""
         media = parsed.media[index]
         host = sdplib.connection_address(parsed, media)
         rtcp_host, rtcp_port = host, media.port + 1
@@ -327,6 +369,15 @@ class MediaSession(TimedChartModel):
                     rtcp_port = int(fields[0])
                     if len(fields) == 4:
                         rtcp_host = fields[3]
+        leg, bind = self.legs[side], self.local[side][0]
+        leg.expect(_reachable(_literal(host), leg.ipv6, bind), media.port,
+                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port,
+                   self.clock.seconds() + self.learning_window)
+
+    def _rewrite(self, side: Side, parsed: sdplib.SessionDescription, index: int) -> bytes:
+        """The SDP from ``side`` as the other side gets it (our address and port)."""
+        other = _OTHER[side]
+        media = parsed.media[index]
         out = sdplib.rewrite_media(parsed, index, address=self.local[other][1],
                                    port=self.legs[other].port,
                                    origin=self._origin(other, 0), codecs=self.codecs)
@@ -334,14 +385,9 @@ class MediaSession(TimedChartModel):
         for pt in media.formats:
             if pt.isascii() and pt.isdigit() and int(pt) < 128:
                 table[int(pt)] = 1
-        leg, bind = self.legs[side], self.local[side][0]
-        now = self.clock.seconds()
-        leg.expect(_reachable(_literal(host), leg.ipv6, bind), media.port,
-                   _reachable(_literal(rtcp_host), leg.ipv6, bind), rtcp_port,
-                   now + self.learning_window)
         # Our SDP toward ``other`` is sent now (INVITE, 18x, 200, re-INVITE and answers):
         # that side can start sending from its real address.
-        self.legs[other].open_window(now, self.learning_window)
+        self.legs[other].open_window(self.clock.seconds(), self.learning_window)
         self._tune_qos(side, out, index)
         key = sdplib.serialize(out)
         if other in self._last_sent and key != self._last_sent[other]:
@@ -392,6 +438,21 @@ class MediaSession(TimedChartModel):
             "rejected": ({r: leg.rtp.rejected[r] + leg.rtcp.rejected[r]
                           for r in REJECT_REASONS} if leg else dict.fromkeys(REJECT_REASONS, 0)),
         }
+
+
+class _Offer:
+    """One offer as received from ``side`` and as sent on; ``learned``: its address is
+    in effect."""
+
+    __slots__ = ("index", "learned", "received", "sent", "side")
+
+    def __init__(self, side: Side, received: sdplib.SessionDescription,
+                 sent: sdplib.SessionDescription, index: int) -> None:
+        self.side = side
+        self.received = received
+        self.sent = sent
+        self.index = index
+        self.learned = False
 
 
 def _pick_stream(sdp: sdplib.SessionDescription) -> int:

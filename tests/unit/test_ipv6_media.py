@@ -116,6 +116,7 @@ def test_an_ipv6_hold_with_the_null_address_is_kept(reactor: BindRecorder) -> No
     media.answer_from_b(sdp6("2001:db8::20", 6000))
     held = parse(media.reoffer("a", sdp6("::", 4000)))
     assert str(held.connection) == "IN IP6 ::"
+    media.reanswer("b", sdp6("2001:db8::20", 6000))  # RFC 3264 §8: once answered
     assert media.state == "on_hold"
 
 

@@ -234,20 +234,24 @@ def test_hold_and_resume_follow_reoffers(reactor: FakeReactor) -> None:
     session = connected(reactor)
     for_b = parse(session.reoffer("a", sdp(A[1], A[0], attrs="a=sendonly")))
     assert direction(for_b, for_b.media[0]) == "sendonly"
-    assert session.state == "on_hold"
+    assert session.state == "active"  # RFC 3264 §8: a re-offer counts once answered
     session.reanswer("b", sdp(B[1], B[0], attrs="a=recvonly"))
     assert session.state == "on_hold"
     session.reoffer("a", sdp(A[1], A[0]))
+    assert session.state == "on_hold"
+    session.reanswer("b", sdp(B[1], B[0]))
     assert session.state == "active"
 
 
 def test_null_hold_stops_sending_toward_the_holding_side(reactor: FakeReactor) -> None:
     session = connected(reactor)
     session.reoffer("a", sdp(A[1], A[0], conn="0.0.0.0"))
+    session.reanswer("b", sdp(B[1], B[0]))
     assert session.state == "on_hold"
     session.legs["b"].rtp.datagramReceived(rtp(1), B)
     assert reactor.sent == []
     session.reoffer("a", sdp(A[1], A[0]))  # resume, same address: latch kept
+    session.reanswer("b", sdp(B[1], B[0]))
     session.legs["b"].rtp.datagramReceived(rtp(2), B)
     assert reactor.sent[-1][2] == A
 
@@ -272,6 +276,7 @@ def test_media_timeout_fires_once_and_reaps(reactor: FakeReactor) -> None:
 def test_hold_uses_the_longer_timeout(reactor: FakeReactor) -> None:
     session = connected(reactor, media_timeout=20.0, hold_timeout=200.0)
     session.reoffer("a", sdp(A[1], A[0], attrs="a=inactive"))
+    session.reanswer("b", sdp(B[1], B[0], attrs="a=inactive"))
     run_for(reactor, 150.0, step=5.0)
     assert session.state == "on_hold"
     session.legs["a"].rtcp.datagramReceived(b"\x81\xc9rr", (A[0], A[1] + 1))  # RTCP: alive
