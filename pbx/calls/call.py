@@ -769,6 +769,14 @@ class Call(TimedChartModel):
                     leg.dialog.terminate()
         self.b2bua.call_finished(self)
         self.b2bua.cdr.finished(self.record)
+        self._release_legs()
+
+    def _release_legs(self) -> None:
+        """Legs may outlive the call in their transactions (a late 2xx is still ACKed
+        and ended with BYE, which needs no call), so they let go of it: no leg<->call
+        cycle, and refcounting frees the call and its media once the B2BUA forgets it."""
+        for leg in (self.caller, *self.forks):
+            leg.call = None
 
     # -- media -------------------------------------------------------------------------------
     def _media_timed_out(self, _session: Any = None) -> None:

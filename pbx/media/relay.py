@@ -316,8 +316,13 @@ class RelaySocket(DatagramProtocol):
         self.dst = None
 
     def shut(self) -> None:
+        """Stop relaying for good.  The links to the other leg's socket and to the RTCP
+        partner go too: the legs point at each other, and a cycle would outlive the call
+        until a full collection.  A late packet has no source to match (``src`` is None)
+        and ``_foreign`` drops it before anything else, so neither link is needed."""
         self.closed = True
         self.src = self.dst = None
+        self.peer = self.partner = None
 
 
 class RtpSocket(RelaySocket):

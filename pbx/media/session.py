@@ -330,6 +330,9 @@ class MediaSession(TimedChartModel):
 
     def release_ports(self) -> None:
         self.cancel_timers()
+        # The callback is usually a bound method of the call, which holds this session:
+        # a closed session never times out, so letting go of it breaks that cycle.
+        self.on_timeout = None
         self.ended_at = self.clock.seconds()
         for leg in self.legs.values():
             if leg.released:

@@ -554,6 +554,25 @@ def build_ack_for_failure(invite: Request, response: Response) -> Request:
     return Request("ACK", invite.uri, headers)
 
 
+class _DetachedUser:
+    """The user of a terminated client transaction: nothing reaches it any more (the
+    transaction left the table), but a stray callback finds a no-op, not ``None``."""
+
+    __slots__ = ()
+
+    def response_received(self, transaction: ClientTransaction, response: Response) -> None:
+        return None
+
+    def transaction_timeout(self, transaction: ClientTransaction) -> None:
+        return None
+
+    def transaction_transport_error(self, transaction: ClientTransaction) -> None:
+        return None
+
+
+_DETACHED = _DetachedUser()
+
+
 # -- manager --------------------------------------------------------------------------
 
 _KINDS: tuple[type[Transaction], ...] = (
@@ -807,8 +826,13 @@ class TransactionManager:
         return txn if txn.last_response.to.tag == ack.to.tag else None
 
     def _terminated(self, txn: Transaction) -> None:
-        table: dict[Hashable, Any] = (self._client if isinstance(txn, ClientTransaction)
-                                      else self._server)
+        table: dict[Hashable, Any] = self._server
+        if isinstance(txn, ClientTransaction):
+            # The user (a call leg, a closure of a relayed request) usually holds its
+            # transaction too: detaching it here breaks that cycle, so both are freed by
+            # reference counting when the call lets go, not by a full collection.
+            txn.user = _DETACHED
+            table = self._client
         if table.get(txn.key) is not txn:
             return  # refused at the cap (never counted as created), or forgotten
         del table[txn.key]
