@@ -15,6 +15,7 @@ counters), so ``promtool check metrics`` accepts a scrape.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -173,6 +174,7 @@ class PBXCollector(Collector):
         yield from self._sip()
         yield from self._transactions()
         yield from self._registrar()
+        yield from self._gc()
 
     def _health(self) -> Iterator[Metric]:
         view, health = self.view, self.health
@@ -320,6 +322,37 @@ class PBXCollector(Collector):
                                   "the source", value=int(guard.get("locked_attempts", 0)))
         yield _gauge("pbx_locked_accounts", "Accounts locked now",
                      int(guard.get("currently_locked_accounts", 0)))
+
+
+    def _gc(self) -> Iterator[Metric]:
+        """Garbage collection: every collection stops the reactor (and the RTP relay of
+        every call), so its pauses are exported, the largest one per generation included.
+        Collections and unreachable objects come from the interpreter; pauses from the
+        service's :class:`~pbx.service.GCPauses` (zero when it does not manage the GC)."""
+        gen_labels = [str(g) for g in range(3)]
+        collections = CounterMetricFamily("pbx_gc_collections", "Garbage collections, by "
+                                          "generation (2: full)", labels=["generation"])
+        collected = CounterMetricFamily("pbx_gc_collected_objects", "Unreachable objects "
+                                        "(reference cycles) the collector freed, by "
+                                        "generation", labels=["generation"])
+        for label, stats in zip(gen_labels, gc.get_stats(), strict=False):
+            collections.add_metric([label], int(stats.get("collections", 0)))
+            collected.add_metric([label], int(stats.get("collected", 0)))
+        yield collections
+        yield collected
+        pauses = getattr(getattr(getattr(self.view, "service", None), "gc", None),
+                         "pauses", None)
+        total = CounterMetricFamily("pbx_gc_pause_seconds", "Time the process stood still "
+                                    "in garbage collections, by generation",
+                                    labels=["generation"])
+        largest = GaugeMetricFamily("pbx_gc_max_pause_seconds", "Longest garbage "
+                                    "collection pause since start, by generation",
+                                    labels=["generation"])
+        for g, label in enumerate(gen_labels):
+            total.add_metric([label], float(pauses.pause_total[g]) if pauses else 0.0)
+            largest.add_metric([label], float(pauses.max_pause[g]) if pauses else 0.0)
+        yield total
+        yield largest
 
 
 class MetricsExporter:
