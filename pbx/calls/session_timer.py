@@ -145,19 +145,31 @@ class Negotiated:
     def we_refresh(self) -> bool:
         return self.refresher == self.we_are
 
+    def for_role(self, we_are: str) -> Negotiated:
+        """The same agreement seen from a transaction where we are ``we_are``: the
+        refresher parameter names a role of the refresh transaction (§7.4, §9), so it
+        flips when the other side sends the next refresh."""
+        if we_are == self.we_are:
+            return self
+        other = "uas" if we_are == "uac" else "uac"
+        return Negotiated(self.interval, we_are if self.we_refresh else other, we_are,
+                          self.peer_supports, self.min_se)
+
     def response_headers(self) -> list[tuple[str, str]]:
-        """Headers of our 2xx on a leg where we are the UAS (§9): Session-Expires with
-        the refresher, and Require: timer when the peer supports it (it must know)."""
-        headers = [("Session-Expires", f"{self.interval};refresher={self.refresher}")]
-        if self.peer_supports:
+        """Headers of our 2xx when we are the UAS (§9): Session-Expires with the
+        refresher, and Require: timer when the peer supports it (it must know)."""
+        own = self.for_role("uas")
+        headers = [("Session-Expires", f"{own.interval};refresher={own.refresher}")]
+        if own.peer_supports:
             headers.append(("Require", OPTION_TAG))
         return headers
 
     def refresh_headers(self) -> list[tuple[str, str]]:
-        """Headers of a refresh we send (§7.4, §10): the same interval and refresher,
-        and our Min-SE."""
-        return [("Session-Expires", f"{self.interval};refresher={self.refresher}"),
-                ("Min-SE", str(self.min_se)), ("Supported", OPTION_TAG)]
+        """Headers of a refresh (re-INVITE/UPDATE) we send as UAC (§7.4, §10): the same
+        interval and refresher, and our Min-SE."""
+        own = self.for_role("uac")
+        return [("Session-Expires", f"{own.interval};refresher={own.refresher}"),
+                ("Min-SE", str(own.min_se)), ("Supported", OPTION_TAG)]
 
 
 @dataclass(frozen=True, slots=True)

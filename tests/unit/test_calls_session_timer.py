@@ -248,3 +248,15 @@ def test_stop_cancels_everything() -> None:
     h.clock.advance(1000)
     assert h.refreshes == [] and h.expired == [] and h.timer.state == "stopped"
     assert not h.clock.getDelayedCalls()
+
+
+def test_roles_flip_with_the_refresh_transaction() -> None:
+    # Callee leg: we sent the INVITE (uac) and the callee refreshes (uas).
+    n = Negotiated(600, "uas", "uac", True)
+    assert not n.we_refresh
+    # The callee's refresh re-INVITE: it is now the UAC and still the refresher.
+    as_uas = n.for_role("uas")
+    assert as_uas.refresher == "uac" and not as_uas.we_refresh
+    assert n.response_headers()[0] == ("Session-Expires", "600;refresher=uac")
+    ours = Negotiated(600, "uas", "uas", True)   # caller leg, we refresh
+    assert ours.refresh_headers()[0] == ("Session-Expires", "600;refresher=uac")
