@@ -18,8 +18,11 @@ A new INVITE (no To tag) walks these steps and stops at the first answer:
 
 In-dialog requests find their leg through the :class:`~pbx.sip.DialogTable`; unknown
 dialogs get 481, out-of-order CSeqs 500.  BYE is answered 200 and the other leg gets BYE;
-re-INVITE (hold/resume) and INFO/OPTIONS are relayed to the other leg with SDP
-rewritten by the media session; a re-INVITE while another is pending gets 491 (glare).
+re-INVITE (hold/resume, with or without an offer: :class:`_Reinvite`) and INFO/OPTIONS
+are relayed to the other leg with SDP rewritten by the media session; a re-INVITE while
+either leg's offer/answer (``statecharts/offer_answer.yaml``) is not stable, or while a
+2xx awaits its ACK, gets 491 (glare, RFC 3261 §14.2, RFC 6337 §3.1).  An SDP we cannot
+use gets 488 with a ``Warning`` (RFC 3261 §20.43: 302, 304, 305).
 
 Only the standard library, Twisted and ``pbx.sip`` are used: the store, media and
 configuration come in as plain arguments and Protocols (see ``pbx.calls.wiring``).
@@ -63,8 +66,12 @@ log = logging.getLogger(__name__)
 MediaFactory = Callable[[Callable[[Any], None]], Any]
 """``factory(on_timeout) -> MediaSession``: start(), offer_from_a(), answer_from_b(),
 reoffer(side, sdp), reanswer(side, sdp), close(), summary(), state; optionally place(side,
-host), expect(side, sip_host) and confirmed(side[, sip_host]) (media address learning)."""
+host), expect(side, sip_host) and confirmed(side[, sip_host]) (media address learning) and
+reject_offer() (a failed re-INVITE's rollback, RFC 3264 §8)."""
 
+_WARN_TEXT = {302: "Incompatible transport protocol", 304: "Media type not available",
+              305: "Incompatible media format"}
+WARN_MEDIA_NOT_AVAILABLE = 304
 _RELAYED_HEADERS = ("Content-Type", "Info-Package", "Event", "Content-Disposition")
 _PENDING = object()
 
@@ -216,6 +223,11 @@ class B2BUA:
             except Exception:
                 log.exception("call-ended hook failed")
 
+    def warning(self, code: int) -> tuple[str, str]:
+        """A ``Warning`` header for an SDP we refuse (RFC 3261 §20.43)."""
+        text = _WARN_TEXT.get(code, "Miscellaneous warning")
+        return ("Warning", f'{code} {self.domain} "{text}"')
+
     def _reply(self, transaction: ServerTransaction, request: Request, status: int,
                reason: str | None = None, headers: list[tuple[str, str]] | None = None
                ) -> Response:
@@ -358,11 +370,18 @@ class B2BUA:
             log.debug("ACK for an unknown dialog from %s dropped", peer)
             return
         _dialog, leg = found
-        if leg.ack_received(request) and leg.call is not None and isinstance(leg, CallerLeg):
-            confirmed = getattr(leg.call.media, "confirmed", None)
+        if not leg.ack_received(request) or leg.call is None:
+            return
+        call = leg.call
+        relay = call.reinvite
+        if relay is not None and relay.origin is leg and relay.awaiting_answer:
+            relay.origin_acked(request)  # an offerless re-INVITE's answer
+            return
+        if isinstance(leg, CallerLeg):
+            confirmed = getattr(call.media, "confirmed", None)
             if confirmed is not None:  # the ACK of our 2xx: the caller sends now
                 confirmed("a")
-            leg.call.fire("caller_ack")
+            call.caller_acked(request)
 
     # -- OPTIONS: in a dialog it is relayed, outside it the endpoint answers -------------------
     def handle_options(self, request: Request, transaction: ServerTransaction,
@@ -443,67 +462,203 @@ class B2BUA:
 
     def _relay_reinvite(self, call: Call, leg: Leg, request: Request,
                         transaction: ServerTransaction) -> None:
-        """Hold/resume: the offer is rewritten by the media session and sent to the other
-        leg; its answer comes back rewritten.  One re-INVITE at a time (491 otherwise)."""
+        """Hold/resume and other re-offers: relayed to the other leg through
+        :class:`_Reinvite`.  Glare (RFC 3261 §14.2, RFC 6337 §3.1): an INVITE while
+        either leg's offer/answer is not stable, or a 2xx of ours awaits its ACK,
+        gets 491 with Retry-After."""
         other = call.other(leg)
-        if (call.state != "connected" or call.reinvite_pending or other is None
-                or not other.confirmed or other.closed or leg.awaiting_ack
-                or other.awaiting_ack):
+        if (call.state != "connected" or other is None or not other.confirmed
+                or other.closed or leg.awaiting_ack or other.awaiting_ack
+                or not leg.oa.stable or not other.oa.stable):
             leg.respond(transaction, request, 491, None, headers=[("Retry-After", "1")])
             return
-        if not request.body or call.media is None:
-            leg.respond(transaction, request, 488, "Offer Required")
-            return
-        try:
-            offer = call.media.reoffer(leg.side, request.body)
-        except Exception as exc:
-            log.info("call %s: re-INVITE offer refused: %s", call.id, exc)
+        if call.media is None:
             leg.respond(transaction, request, 488)
             return
-        call.reinvite_pending = True
-        state: dict[str, Any] = {"ack": None, "done": False}
+        _Reinvite(self, call, leg, other, request, transaction).start()
 
-        def answered(txn: ClientTransaction, response: Response) -> None:
-            status = response.status
-            if status < 200:
-                return
-            if status < 300:
-                ack = state["ack"]
-                if ack is None and other.dialog is not None:
-                    other.dialog.update_from_response(response)
-                    ack = state["ack"] = other.dialog.create_request(
-                        "ACK", via=self.make_via(other.peer), cseq=txn.request.cseq.seq)
-                if ack is not None:
-                    try:
-                        self.transactions.send_ack(ack, other.peer)
-                    except Exception:
-                        log.debug("ACK for re-INVITE 2xx could not be sent")
-            if state["done"]:
-                return
-            state["done"] = True
-            call.reinvite_pending = False
-            if status < 300:
-                body = b""
-                if response.body and call.media is not None:
-                    try:
-                        body = call.media.reanswer(other.side, response.body)
-                    except Exception as exc:
-                        log.info("call %s: re-INVITE answer refused: %s", call.id, exc)
-                reply = leg.respond(transaction, request, 200, None, body=body)
-                leg.await_ack(reply, request.cseq.seq)
-            else:
-                leg.respond(transaction, request, status, response.reason)
-                if status in (408, 481):
-                    call.fire("leg_lost", "pbx", f"{status} {response.reason}")
 
-        def failed(_txn: ClientTransaction) -> None:
-            if state["done"]:
+class _Reinvite:
+    """One in-dialog INVITE relayed from leg ``origin`` to leg ``target``.
+
+    What the ``offer_answer`` chart of each leg does not show: which message carries
+    the SDP.  With an offer (RFC 3264 §8): the offer is relayed in our re-INVITE, the
+    target's 2xx answer comes back in our 2xx, and a non-2xx rolls the media session
+    back (``reject_offer``).  Offerless (RFC 3261 §14.1, RFC 6337 §3.2): our re-INVITE
+    has no SDP either, the target's 2xx offer goes into our 2xx, the origin's ACK
+    carries the answer, which goes into our ACK to the target; an ACK without one (or
+    none in 64*T1) ends the call with BYE on both legs.  The object lives in the call's
+    ``reinvite`` while it is needed to route the origin's ACK, and refers to the legs,
+    not to the call (the legs' ``call`` is gone once the call ended).
+    """
+
+    __slots__ = ("_cseq", "ack", "b2bua", "done", "offerless", "origin", "request", "target",
+                 "transaction")
+
+    def __init__(self, b2bua: B2BUA, call: Call, origin: Leg, target: Leg, request: Request,
+                 transaction: ServerTransaction) -> None:
+        self.b2bua = b2bua
+        self.origin = origin
+        self.target = target
+        self.request = request
+        self.transaction = transaction
+        self.offerless = not request.body
+        self.ack: Request | None = None
+        self.done = False
+        self._cseq = 0
+
+    def _call(self) -> Call | None:
+        return self.origin.call
+
+    def start(self) -> None:
+        call, origin, target = self._call(), self.origin, self.target
+        assert call is not None
+        if self.offerless:
+            origin.oa.fire("receive_offerless")
+            target.oa.fire("send_offerless")
+            body = b""
+        else:
+            try:
+                body = call.media.reoffer(origin.side, self.request.body)
+            except Exception as exc:
+                log.info("call %s: re-INVITE offer refused: %s", call.id, exc)
+                origin.respond(self.transaction, self.request, 488, headers=[
+                    self.b2bua.warning(getattr(exc, "warning", WARN_MEDIA_NOT_AVAILABLE))])
                 return
-            state["done"] = True
-            call.reinvite_pending = False
-            leg.respond(transaction, request, 408)
+            origin.oa.fire("receive_offer")
+            target.oa.fire("send_offer")
+        call.reinvite = self
+        if target.send_in_dialog("INVITE", _Client(self._answered, self._failed),
+                                 body=body) is None:
+            self._rollback()
+            origin.respond(self.transaction, self.request, 481)
+
+    # -- the target's responses ---------------------------------------------------------------
+    def _answered(self, txn: ClientTransaction, response: Response) -> None:
+        status = response.status
+        if status < 200:
+            return
+        if status < 300:
+            self._target_2xx(txn, response)
+            return
+        if self.done:
+            return
+        self.done = True
+        self._rollback()
+        self.origin.respond(self.transaction, self.request, status, response.reason)
+        call = self._call()
+        if call is not None and status in (408, 481):
+            call.fire("leg_lost", "pbx", f"{status} {response.reason}")
+
+    def _failed(self, _txn: ClientTransaction) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._rollback()
+        self.origin.respond(self.transaction, self.request, 408)
+        call = self._call()
+        if call is not None:
             call.fire("leg_lost", "pbx", "408 Request Timeout")
 
-        if other.send_in_dialog("INVITE", _Client(answered, failed), body=offer) is None:
-            call.reinvite_pending = False
-            leg.respond(transaction, request, 481)
+    def _target_2xx(self, txn: ClientTransaction, response: Response) -> None:
+        target = self.target
+        if self.done:
+            if self.ack is not None:
+                self._send_ack(self.ack)  # a retransmitted 2xx: the same ACK again
+            return
+        self.done = True
+        if target.dialog is not None:
+            target.dialog.update_from_response(response)
+        self._cseq = txn.request.cseq.seq
+        call = self._call()
+        media = call.media if call is not None else None
+        body = b""
+        if response.body and media is not None:
+            try:
+                body = (media.reoffer(target.side, response.body) if self.offerless
+                        else media.reanswer(target.side, response.body))
+            except Exception as exc:
+                log.info("call %s: re-INVITE 2xx SDP refused: %s",
+                         call.id if call else "-", exc)
+        if not body:
+            self.ack_target()
+            self._rollback()
+            self.origin.respond(self.transaction, self.request, 488, headers=[
+                self.b2bua.warning(WARN_MEDIA_NOT_AVAILABLE)])
+            return
+        if self.offerless:
+            target.oa.fire("receive_offer")
+            self.origin.oa.fire("send_offer")
+        else:
+            target.oa.fire("receive_answer")
+            self.origin.oa.fire("send_answer")
+            self.ack_target()
+            self._finished()
+        reply = self.origin.respond(self.transaction, self.request, 200, None, body=body)
+        self.origin.await_ack(reply, self.request.cseq.seq)
+
+    # -- the origin's ACK (offerless only: it carries the answer) ---------------------------
+    def origin_acked(self, ack: Request) -> None:
+        call = self._call()
+        media = call.media if call is not None else None
+        body = b""
+        if ack.body and media is not None:
+            try:
+                body = media.reanswer(self.origin.side, ack.body)
+            except Exception as exc:
+                log.info("re-INVITE answer in the ACK refused: %s", exc)
+        if not body:
+            self._no_answer()
+            return
+        self.origin.oa.fire("receive_answer")
+        self.target.oa.fire("send_answer")
+        self.ack_target(body)
+        self._finished()
+
+    def ack_missing(self, leg: Leg, _cseq: int) -> None:
+        if leg is self.origin and self.offerless and self.origin.oa.offer_outstanding:
+            self._no_answer()
+
+    def _no_answer(self) -> None:
+        self.ack_target()
+        self._rollback()
+        call = self._call()
+        if call is not None:
+            call.fire("hangup", "pbx", "No SDP answer in ACK",
+                      'SIP;cause=488;text="No SDP answer in ACK"')
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def awaiting_answer(self) -> bool:
+        return self.offerless and self.origin.oa.offer_outstanding
+
+    def ack_target(self, body: bytes = b"") -> None:
+        dialog = self.target.dialog
+        if self.ack is not None or dialog is None:
+            return
+        self.ack = dialog.create_request(
+            "ACK", via=self.b2bua.make_via(self.target.peer), cseq=self._cseq, body=body,
+            content_type="application/sdp" if body else None)
+        self._send_ack(self.ack)
+
+    def _send_ack(self, ack: Request) -> None:
+        try:
+            self.b2bua.transactions.send_ack(ack, self.target.peer)
+        except Exception:
+            log.debug("ACK for re-INVITE 2xx could not be sent")
+
+    def _rollback(self) -> None:
+        """RFC 3264 §8: the exchange failed, both legs and the media are as before."""
+        call = self._call()
+        if call is not None and call.media is not None:
+            reject = getattr(call.media, "reject_offer", None)
+            if reject is not None:
+                reject()
+        self.origin.oa.fire("rollback")
+        self.target.oa.fire("rollback")
+        self._finished()
+
+    def _finished(self) -> None:
+        call = self._call()
+        if call is not None and call.reinvite is self:
+            call.reinvite = None

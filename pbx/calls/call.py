@@ -1,10 +1,24 @@
 """One call through the B2BUA: the call machine and its two kinds of legs.
 
-The call's life is the chart ``statecharts/call.yaml``; this module supplies the
-callbacks.  A :class:`CallerLeg` is the UAS side towards the phone that dialled (its
+The call's life is the chart ``statecharts/call.yaml``, each leg's the chart
+``statecharts/leg.yaml`` (and each leg's SDP offer/answer state
+``statecharts/offer_answer.yaml``, :mod:`pbx.calls.offer_answer`); this module supplies
+the callbacks.  A :class:`CallerLeg` is the UAS side towards the phone that dialled (its
 INVITE, server transaction and dialog); a :class:`CalleeLeg` is one fork of our own
 INVITE to one registered contact of the dialled extension, with its *own* Call-ID, From
 tag and CSeq (nothing of the caller's identifiers crosses to the callee).
+
+What the charts do not show:
+
+* which SDP goes where: the call hands every body to its media session and relays the
+  result; in a late-offer call (the caller's INVITE has no SDP) the forks are INVITEd
+  without SDP, the winner's 2xx offer goes to the caller in our 200 and the caller's
+  ACK answer to the callee in our ACK (RFC 3261 §13.2.1; :meth:`Call.caller_acked`);
+* data the states need: the 2xx being retransmitted and its CSeq, the BYE's Reason, a
+  fork's final status (for :func:`best_final`), the ACK we sent (re-sent for every
+  retransmitted 2xx);
+* a caller INVITE without a usable Contact: the caller leg's dialog then targets the
+  flow the INVITE came on (:meth:`CallerLeg._flow_dialog`), so the BYE still goes out.
 
 Rules the legs enforce whatever the call's state:
 
@@ -13,8 +27,8 @@ Rules the legs enforce whatever the call's state:
 * every 2xx a callee leg receives is ACKed (retransmissions too), and one that arrives
   when the call no longer wants it (another fork won, the caller cancelled) is then
   ended with BYE;
-* the caller leg retransmits its 2xx until the ACK (§13.3.1.4) and sends BYE only after
-  that ACK or after giving up on it (64*T1), as §15 requires of a UAS.
+* a leg retransmits its 2xx until the ACK (§13.3.1.4) and sends BYE only after that
+  ACK or after giving up on it (64*T1), as §15 requires of a UAS.
 
 Transitions fired from inside callbacks are queued (run to completion), so a callback
 can fire follow-up events freely.
@@ -28,8 +42,6 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall
-
 from pbx.calls.cdr import (
     CANCELLED,
     FAILED,
@@ -37,12 +49,14 @@ from pbx.calls.cdr import (
     CallRecord,
     disposition_for_status,
 )
+from pbx.calls.offer_answer import OfferAnswer
 from pbx.sip import (
     URI,
     Binding,
     ClientTransaction,
     Dialog,
     Headers,
+    NameAddress,
     Peer,
     Request,
     Response,
@@ -60,6 +74,10 @@ if TYPE_CHECKING:
 __all__ = ["Call", "CalleeLeg", "CallerLeg", "Leg", "best_final"]
 
 log = logging.getLogger(__name__)
+
+# RFC 3261 §20.43 warn-code for an offer we cannot use (pbx.media.negotiation says which
+# applies; calls only import pbx.media's public face, through wiring).
+WARN_MEDIA_NOT_AVAILABLE = 304
 
 FINAL_STATES = frozenset({"ended", "failed", "cancelled"})
 
@@ -92,6 +110,11 @@ def _ignore(*_: Any) -> None:
     return None
 
 
+def _without_tag(addr: NameAddress) -> str:
+    params = {k: v for k, v in addr.params.items() if k != "tag"}
+    return str(NameAddress(addr.display_name, addr.uri, params))
+
+
 def best_final(finals: Iterable[tuple[int, str | None]]) -> tuple[int, str | None]:
     """The response a forking B2BUA gives the caller when every fork failed.
 
@@ -114,34 +137,62 @@ def best_final(finals: Iterable[tuple[int, str | None]]) -> tuple[int, str | Non
     return best
 
 
-class Leg:
-    """What both legs share: a dialog, the flow to the phone, in-dialog requests, and
-    the UAS duty of retransmitting a 2xx until its ACK."""
+class Leg(TimedChartModel):
+    """What both legs share (the ``leg`` chart): a dialog, the flow to the phone,
+    in-dialog requests, the UAS duty of retransmitting a 2xx until its ACK, and BYE.
 
+    Extension points (for 100rel, UPDATE and session timers): :meth:`extension_headers`
+    is asked for extra headers of every INVITE and 2xx-to-INVITE this leg sends;
+    :meth:`CallerLeg.send_provisional` / :meth:`CalleeLeg.provisional_received` are where
+    a provisional leaves / arrives; :meth:`send_in_dialog` sends any in-dialog request
+    (UPDATE included) and :meth:`respond` answers one.
+    """
+
+    chart_name = "leg"
     side = ""           # "a" (caller) or "b" (callee): the MediaSession's names
     hangup_side = ""    # "caller" or "callee" for the CDR
 
     def __init__(self, b2bua: B2BUA, peer: Peer) -> None:
+        super().__init__()
         self.b2bua = b2bua
+        self.clock = b2bua.clock
         self.peer = peer
         self.call: Call | None = None
         self.dialog: Dialog | None = None
-        self.closed = False
-        self.bye_sent = False
-        self._awaiting: tuple[Response, int] | None = None   # (2xx, CSeq) awaiting ACK
-        self._retransmit: IDelayedCall | None = None
-        self._give_up: IDelayedCall | None = None
-        self._interval = 0.0
-        self._bye_after_ack: str | None = None
-        self._on_ack_timeout: Callable[[], None] | None = None
+        self.oa = OfferAnswer()
+        self._2xx: Response | None = None     # our 2xx awaiting its ACK...
+        self._2xx_cseq = 0                    # ...for the INVITE with this CSeq
+        self._bye_reason: str | None = None
+
+    # Values the chart's timers name.
+    @property
+    def T1(self) -> float:
+        return self.b2bua.transactions.t1
+
+    @property
+    def T2(self) -> float:
+        return self.b2bua.transactions.t2
+
+    @property
+    def reliable(self) -> bool:
+        return self.peer.reliable
 
     @property
     def confirmed(self) -> bool:
         return self.dialog is not None and self.dialog.confirmed
 
     @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    @property
     def awaiting_ack(self) -> bool:
-        return self._awaiting is not None
+        return self.state in ("awaiting_ack", "bye_pending")
+
+    def extension_headers(self, kind: str) -> list[tuple[str, str]]:
+        """Extra headers for an outgoing ``kind`` ("invite": our INVITE or re-INVITE,
+        "2xx": our 2xx to an INVITE).  None yet; RFC 4028 Session-Expires goes here."""
+        return []
 
     # -- in-dialog requests -----------------------------------------------------------
     def send_in_dialog(self, method: str, user: Any, *, body: bytes = b"",
@@ -152,115 +203,99 @@ class Leg:
         if dialog is None or dialog.terminated:
             return None
         b2bua = self.b2bua
+        headers = [*extra, ("User-Agent", b2bua.user_agent)]
+        if method == "INVITE":
+            headers += self.extension_headers("invite")
         request = dialog.create_request(
             method, via=b2bua.make_via(self.peer),
             contact=b2bua.contact(self.peer) if method in ("INVITE", "UPDATE") else None,
-            body=body, content_type=content_type,
-            extra=[*extra, ("User-Agent", b2bua.user_agent)])
-        return b2bua.transactions.send_request(request, self.peer, user)
+            body=body, content_type=content_type, extra=headers)
+        try:
+            return b2bua.transactions.send_request(request, self.peer, user)
+        except TransportError:
+            log.debug("%s to %s could not be sent", method, self.peer)
+            return None
 
     def send_bye(self, reason: str | None = None) -> None:
-        """End this leg's confirmed dialog; waits for the ACK of our own 2xx first."""
-        if self.closed or self.bye_sent:
+        """End this leg's dialog with BYE (RFC 3326 ``Reason`` if given); a UAS waits for
+        the ACK of its 2xx first.  Never raises: a leg that cannot send BYE closes."""
+        if self._bye_reason is None:
+            self._bye_reason = reason or ""
+        if self.state in ("calling", "early"):
+            self.fire("reject")   # no dialog to end (a caller leg never answered)
             return
-        if not self.confirmed:
-            raise AssertionError("BYE on a dialog that is not confirmed")
-        if self._awaiting is not None:
-            self._bye_after_ack = reason or ""
-            return
-        self.bye_sent = True
+        self.fire("hang_up")
+
+    # -- chart callbacks ------------------------------------------------------------------
+    def send_cancel(self, *_: Any) -> None:
+        """CANCEL our INVITE (a callee leg's; a caller leg never sends one)."""
+
+    def send_bye_now(self, *_: Any) -> None:
+        reason = self._bye_reason
         extra = [("Reason", reason)] if reason else []
         txn = self.send_in_dialog("BYE", _Client(self._bye_done, self._bye_failed),
                                   extra=extra)
         if txn is None:
-            self._closed()
+            self.fire("bye_done")
 
     def _bye_done(self, _txn: ClientTransaction, response: Response) -> None:
         if response.status >= 200:
-            self._closed()
+            self.fire("bye_done")
 
     def _bye_failed(self, _txn: ClientTransaction) -> None:
-        self._closed()
+        self.fire("bye_done")
 
-    def _closed(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.stop_retransmitting()
+    def leg_closed(self, *_: Any) -> None:
+        self._2xx = None
         if self.dialog is not None:
             self.dialog.terminate()
-        if self.call is not None:
-            self.call.fire("leg_closed")
+        call = self.call
+        if call is not None:
+            call.fire("leg_closed")
 
     def remote_bye(self) -> None:
         """The phone sent BYE (answered 200 by the B2BUA): this leg is gone."""
-        self._bye_after_ack = None
-        self.stop_retransmitting()
-        self.closed = True
-        if self.dialog is not None:
-            self.dialog.terminate()
+        self.fire("remote_bye")
+
+    def stop_retransmitting(self) -> None:
+        """The call is over: no more 2xx retransmissions, nothing more on this leg."""
+        self.fire("close")
 
     # -- 2xx retransmission (we are the UAS of an INVITE on this leg) ------------------
-    def await_ack(self, response: Response, cseq: int,
-                  on_timeout: Callable[[], None] | None = None) -> None:
-        """Retransmit ``response`` (T1 doubling to T2, UDP only) until its ACK; give up
-        after 64*T1 (then ``on_timeout`` and any deferred BYE)."""
-        self.stop_retransmitting()
-        self._awaiting = (response, cseq)
-        self._on_ack_timeout = on_timeout
-        txns = self.b2bua.transactions
-        clock = self.b2bua.clock
-        if not self.peer.reliable:
-            self._interval = txns.t1
-            self._retransmit = clock.callLater(self._interval, self._resend)
-        self._give_up = clock.callLater(64 * txns.t1, self._ack_timed_out)
+    def await_ack(self, response: Response, cseq: int) -> None:
+        """Retransmit ``response`` until its ACK (the chart's T1..T2 timer, UDP only);
+        64*T1 without it: ``ack_timeout``."""
+        self._2xx, self._2xx_cseq = response, cseq
+        self.fire("sent_2xx")
 
-    def _resend(self) -> None:
-        self._retransmit = None
-        if self._awaiting is None:
+    def resend_2xx(self, *_: Any) -> None:
+        if self._2xx is None:
             return
         try:
-            self.b2bua.transactions.send_stateless(self._awaiting[0], self.peer)
+            self.b2bua.transactions.send_stateless(self._2xx, self.peer)
         except TransportError:
             log.debug("2xx retransmission to %s failed", self.peer)
-        self._interval = min(self._interval * 2, self.b2bua.transactions.t2)
-        self._retransmit = self.b2bua.clock.callLater(self._interval, self._resend)
 
-    def _ack_timed_out(self) -> None:
-        self._give_up = None
-        callback = self._on_ack_timeout
-        self.stop_retransmitting()
-        if callback is not None:
-            callback()
-        self._after_ack()
+    def ack_arrived(self, *_: Any) -> None:
+        self._2xx = None
+
+    def ack_missing(self, *_: Any) -> None:
+        self._2xx = None
+        call = self.call
+        if call is not None:
+            call.ack_missing(self, self._2xx_cseq)
 
     def ack_received(self, ack: Request) -> bool:
         """An ACK for a 2xx of ours arrived; True when it was the one awaited."""
-        awaiting = self._awaiting
-        if awaiting is None:
+        if not self.awaiting_ack:
             return False
         try:
-            if ack.cseq.seq != awaiting[1]:
+            if ack.cseq.seq != self._2xx_cseq:
                 return False
         except SIPParseError:
             return False
-        self.stop_retransmitting()
-        self._after_ack()
+        self.fire("ack")
         return True
-
-    def _after_ack(self) -> None:
-        reason = self._bye_after_ack
-        if reason is not None and not self.closed:
-            self._bye_after_ack = None
-            self.send_bye(reason or None)
-
-    def stop_retransmitting(self) -> None:
-        self._awaiting = None
-        self._on_ack_timeout = None
-        for call in (self._retransmit, self._give_up):
-            if call is not None and call.active():
-                call.cancel()
-        self._retransmit = self._give_up = None
 
     def respond(self, transaction: ServerTransaction, request: Request, status: int,
                 reason: str | None = None, *, body: bytes = b"",
@@ -272,6 +307,8 @@ class Leg:
             response.headers.add(name, value)
         if status < 300 and request.method == "INVITE":
             response.headers.add("Contact", self.b2bua.contact(self.peer))
+            for name, value in self.extension_headers("2xx"):
+                response.headers.add(name, value)
         response.headers.add("Server", self.b2bua.user_agent)
         if body:
             response.headers.add("Content-Type", content_type or "application/sdp")
@@ -292,8 +329,6 @@ class CallerLeg(Leg):
         self.request = request
         self.transaction = transaction
         self.local_tag = local_tag
-        self.answered = False
-        self.final_sent: int | None = None
 
     def _response(self, status: int, reason: str | None, body: bytes = b"") -> Response:
         response = make_response(self.request, status, reason, to_tag=self.local_tag)
@@ -306,53 +341,69 @@ class CallerLeg(Leg):
         if status < 300:
             add("Contact", self.b2bua.contact(self.peer))
             add("Allow", self.b2bua.allow)
+        if 200 <= status < 300:
+            for name, value in self.extension_headers("2xx"):
+                add(name, value)
         add("Server", self.b2bua.user_agent)
         if body:
             add("Content-Type", "application/sdp")
             response.body = body
         return response
 
-    def _ensure_dialog(self) -> Dialog | None:
+    def _ensure_dialog(self) -> Dialog:
         if self.dialog is None:
             try:
                 self.dialog = Dialog.from_uas(self.request, self.local_tag)
             except SIPParseError:
-                return None
+                self.dialog = self._flow_dialog()
             self.b2bua.dialogs.add(self.dialog, self)
         return self.dialog
+
+    def _flow_dialog(self) -> Dialog:
+        """The dialog of an INVITE without a usable Contact (§8.1.1.8 makes it
+        mandatory; some phones get it wrong): the remote target is the flow the INVITE
+        came on, so the ACK still matches and a BYE still reaches the phone."""
+        request, peer = self.request, self.peer
+        from_ = request.from_
+        host = f"[{peer.host}]" if ":" in peer.host else peer.host
+        suffix = "" if peer.transport == "udp" else f";transport={peer.transport}"
+        log.info("INVITE from %s without a usable Contact: using its flow", peer)
+        return Dialog(
+            role="uas", call_id=request.call_id, local_tag=self.local_tag,
+            remote_tag=from_.tag or "", local_uri=_without_tag(request.to),
+            remote_uri=_without_tag(from_),
+            remote_target=URI.parse(f"sip:{host}:{peer.port}{suffix}"),
+            route_set=request.headers.getall("Record-Route"), local_seq=0,
+            remote_seq=request.cseq.seq)
 
     def trying(self) -> None:
         self.transaction.respond(make_response(self.request, 100))
 
     def send_provisional(self, status: int, reason: str | None, body: bytes = b"") -> None:
-        if self.final_sent is not None:
+        """A provisional response to the caller (before any final one)."""
+        if self.state not in ("calling", "early"):
             return
         self._ensure_dialog()
         self.transaction.respond(self._response(status, reason, body))
+        self.fire("provisional")
 
-    def send_answer(self, body: bytes, on_ack_timeout: Callable[[], None]) -> None:
+    def send_answer(self, body: bytes) -> None:
         """200 OK with our SDP; the dialog is confirmed; retransmitted until the ACK."""
         dialog = self._ensure_dialog()
         response = self._response(200, None, body)
-        self.final_sent = 200
-        self.answered = True
-        if dialog is not None:
-            dialog.confirm()
+        dialog.confirm()
         self.transaction.respond(response)
-        self.await_ack(response, self.request.cseq.seq, on_ack_timeout)
+        self.await_ack(response, self.request.cseq.seq)
 
     def reject(self, status: int, reason: str | None,
                headers: Iterable[tuple[str, str]] = ()) -> None:
-        if self.final_sent is not None:
+        if self.state not in ("calling", "early"):
             return
-        self.final_sent = status
         response = self._response(status, reason)
         for name, value in headers:
             response.headers.add(name, value)
         self.transaction.respond(response)
-        self.closed = True
-        if self.dialog is not None:
-            self.dialog.terminate()
+        self.fire("reject")
 
 
 class CalleeLeg(Leg):
@@ -369,13 +420,21 @@ class CalleeLeg(Leg):
         self.binding = binding
         self.invite = self._build_invite(call, binding, invite_body, max_forwards)
         self.transaction: ClientTransaction | None = None
-        self.provisional_seen = False
-        self.cancel_wanted = False
-        self.cancel_sent = False
-        self.answered = False      # a 2xx arrived on this fork
-        self.done = False          # finished without an answer (final >= 300, timeout)
-        self.final: tuple[int, str | None] | None = None
+        self.final: tuple[int, str | None] | None = None  # failed (>= 300, timeout)
         self._ack: Request | None = None
+
+    @property
+    def done(self) -> bool:
+        """Finished without an answer (a final >= 300, a timeout, Timer C)."""
+        return self.final is not None
+
+    @property
+    def unanswered(self) -> bool:
+        return self.state in ("calling", "early", "cancel_pending", "cancelling")
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state in ("cancel_pending", "cancelling")
 
     def _build_invite(self, call: Call, binding: Binding, body: bytes,
                       max_forwards: int) -> Request:
@@ -400,6 +459,8 @@ class CalleeLeg(Leg):
         add("Allow", b2bua.allow)
         add("User-Agent", b2bua.user_agent)
         add("X-Pbx-Hop", b2bua.node)
+        for name, value in self.extension_headers("invite"):
+            add(name, value)
         if body:
             add("Content-Type", "application/sdp")
         return Request("INVITE", URI.parse(binding.contact), headers, body)
@@ -409,21 +470,24 @@ class CalleeLeg(Leg):
         return self.invite.call_id
 
     def start(self) -> None:
+        self.oa.fire("send_offer" if self.invite.body else "send_offerless")
         self.transaction = self.b2bua.transactions.send_request(self.invite, self.peer, self)
 
     # -- ClientTransactionUser of the INVITE ---------------------------------------------
     def response_received(self, transaction: ClientTransaction, response: Response) -> None:
         status = response.status
         if status < 200:
-            self._provisional(response)
+            self.provisional_received(response)
         elif status < 300:
             self._success(response)
-        elif not self.done and not self.answered:
-            self.done = True
+        elif self.unanswered and self.final is None:
             self.final = (status, response.reason)
             if self.dialog is not None:
                 self.dialog.update_from_response(response)
+            self.fire("failure")
             self._tell("fork_failed", self, status, response.reason)
+        elif self.unanswered:
+            self.fire("failure")  # the 487 after Timer C's CANCEL
 
     def transaction_timeout(self, transaction: ClientTransaction) -> None:
         self._gone(408, "Request Timeout")
@@ -431,19 +495,20 @@ class CalleeLeg(Leg):
     def timer_c_fired(self, transaction: ClientTransaction) -> None:
         """RFC 3261 §16.8: the callee sent provisionals but no final response for Timer C
         (``sip.timers.timer_c``): CANCEL it and count this fork as a 408 (the caller
-        gets 408 when no other fork is left).  The transaction stays to ACK the 487."""
-        self.cancel_wanted = True  # a 2xx that still comes is refused (ACK + BYE)
-        self._send_cancel()
-        self._gone(408, "Request Timeout")
+        gets 408 when no other fork is left).  The transaction stays to ACK the 487;
+        a 2xx that still comes is refused (ACK + BYE)."""
+        self.fire("timer_c")
+        self._gone(408, "Request Timeout", close=False)
 
     def transaction_transport_error(self, transaction: ClientTransaction) -> None:
         self._gone(503, "Service Unavailable")
 
-    def _gone(self, status: int, reason: str) -> None:
-        if self.answered or self.done:
+    def _gone(self, status: int, reason: str, *, close: bool = True) -> None:
+        if not self.unanswered or self.final is not None:
             return
-        self.done = True
         self.final = (status, reason)
+        if close:
+            self.fire("failure")
         self._tell("fork_failed", self, status, reason)
 
     def _tell(self, method: str, *args: Any) -> None:
@@ -451,12 +516,10 @@ class CalleeLeg(Leg):
         if call is not None:
             getattr(call, method)(*args)
 
-    def _provisional(self, response: Response) -> None:
-        self.provisional_seen = True
-        if self.cancel_wanted:
-            self._send_cancel()
-            return
-        if response.status == 100:
+    def provisional_received(self, response: Response) -> None:
+        """A 1xx of our INVITE (RFC 3262 PRACK would start here)."""
+        self.fire("provisional")
+        if self.cancelled or response.status == 100:
             return
         try:
             if response.to.tag and self.dialog is None:
@@ -472,9 +535,10 @@ class CalleeLeg(Leg):
             tag = None
         dialog = self.dialog
         if dialog is not None and dialog.remote_tag == tag:
-            if dialog.confirmed and self._ack is not None:
-                self._send_ack(self._ack)  # a retransmission: ACK it again
-                return
+            if dialog.confirmed:
+                if self._ack is not None:
+                    self._send_ack(self._ack)  # a retransmission: ACK it again
+                return  # (or our ACK waits for the caller's answer: it will come)
             dialog.update_from_response(response)
         elif dialog is not None and dialog.confirmed:
             self._stray_2xx(response)  # a second dialog behind a forking proxy
@@ -486,14 +550,28 @@ class CalleeLeg(Leg):
                 log.warning("2xx without To tag or Contact from %s", self.peer)
                 self._gone(502, "Bad Gateway")
                 return
-        self._ack = dialog.create_request("ACK", via=self.b2bua.make_via(self.peer),
-                                          cseq=self.invite.cseq.seq)
-        self._send_ack(self._ack)
-        self.answered = True
-        self.done = True
+        wanted = not self.cancelled and self.final is None
+        self.fire("success")
         call = self.call
-        if call is None or not call.fork_answered(self, response):
+        if not wanted or call is None or not call.fork_answered(self, response):
+            self.send_ack()
             self.send_bye("SIP;cause=200;text=\"Call completed elsewhere\"")
+        elif not self.oa.answer_owed:
+            self.send_ack()  # else the ACK carries the answer, once the caller gave it
+
+    def send_ack(self, body: bytes = b"") -> None:
+        """ACK our INVITE's 2xx (RFC 3261 §13.2.2.4); ``body``: the answer to an offer
+        the 2xx carried (late offer).  Once only; retransmitted 2xx get the same ACK."""
+        if self._ack is not None or self.dialog is None:
+            return
+        self._ack = self.dialog.create_request(
+            "ACK", via=self.b2bua.make_via(self.peer), cseq=self.invite.cseq.seq,
+            body=body, content_type="application/sdp" if body else None)
+        self._send_ack(self._ack)
+
+    def send_bye(self, reason: str | None = None) -> None:
+        self.send_ack()  # a 2xx whose ACK waited for an answer is ACKed before its BYE
+        super().send_bye(reason)
 
     def _stray_2xx(self, response: Response) -> None:
         try:
@@ -514,16 +592,10 @@ class CalleeLeg(Leg):
     # -- cancelling ----------------------------------------------------------------------
     def cancel(self) -> None:
         """Stop ringing this fork: CANCEL once a provisional came (§9.1)."""
-        if self.done or self.answered or self.cancel_wanted:
-            return
-        self.cancel_wanted = True
-        if self.provisional_seen:
-            self._send_cancel()
+        if self.final is None:
+            self.fire("cancel")
 
-    def _send_cancel(self) -> None:
-        if self.cancel_sent or self.answered or self.done:
-            return
-        self.cancel_sent = True
+    def send_cancel(self, *_: Any) -> None:
         invite = self.invite
         headers = Headers()
         add = headers.add
@@ -559,7 +631,7 @@ class Call(TimedChartModel):
         self.winner: CalleeLeg | None = None
         self.media: Any = None
         self.sdp_for_b = b""
-        self.reinvite_pending = False
+        self.reinvite: Any = None   # the in-dialog INVITE being relayed (pbx.calls.b2bua)
         self.created_at = b2bua.clock.seconds()
         self.answered_at: float | None = None
         self._media_closed = False
@@ -609,16 +681,23 @@ class Call(TimedChartModel):
             self.media = None
             self.fire("reject", 503, "Service Unavailable")
             return
+        body = self.caller.request.body
+        if not body:  # late offer (RFC 3261 §13.2.1): the callee's 2xx will offer
+            self.caller.oa.fire("receive_offerless")
+            self.fire("routed", route.targets)
+            return
         try:
-            self.sdp_for_b = self.media.offer_from_a(self.caller.request.body)
+            self.sdp_for_b = self.media.offer_from_a(body)
         except SIPParseError as exc:
             log.info("call %s: offer not acceptable: %s", self.id, exc)
-            self.fire("reject", 488, "Not Acceptable Here")
+            self.fire("reject", 488, "Not Acceptable Here", None,
+                      self.b2bua.warning(getattr(exc, "warning", WARN_MEDIA_NOT_AVAILABLE)))
             return
         except Exception:
             log.exception("call %s: offer processing failed", self.id)
             self.fire("reject", 500, "Server Internal Error")
             return
+        self.caller.oa.fire("receive_offer")
         self.fire("routed", route.targets)
 
     def route_failed(self, failure: Any) -> None:
@@ -627,7 +706,7 @@ class Call(TimedChartModel):
 
     # -- fork events (called by CalleeLeg) -------------------------------------------------
     def fork_provisional(self, fork: CalleeLeg, response: Response) -> None:
-        if fork.cancel_wanted:
+        if fork.cancelled:
             return
         self.fire("provisional", fork, response)
 
@@ -635,30 +714,68 @@ class Call(TimedChartModel):
         self.fire("fork_failed", fork, status, reason)
 
     def fork_answered(self, fork: CalleeLeg, response: Response) -> bool:
-        """First 2xx wins; False tells the fork it lost (it then sends BYE)."""
-        if self.state != "ringing" or self.winner is not None or fork.cancel_wanted:
+        """First 2xx wins; False tells the fork it lost (it then sends ACK + BYE).
+
+        The 2xx answers our offer, or (late offer: the caller's INVITE had no SDP) it
+        carries the callee's offer, which goes to the caller in our 200 and whose answer
+        comes in the caller's ACK (RFC 3261 §13.2.1; :meth:`caller_acked`)."""
+        if self.state != "ringing" or self.winner is not None or fork.cancelled:
             return False
         body = response.body
-        sdp_for_a = b""
-        if body and self.media is not None:
-            try:
-                sdp_for_a = self.media.answer_from_b(body)
-            except Exception as exc:
-                log.info("call %s: answer from %s not acceptable: %s", self.id, fork.peer, exc)
-                fork.final = (488, "Not Acceptable Here")
-                self.fire("fork_failed", fork, 488, "Not Acceptable Here")
-                return False
-        elif not body:
+        late = self.caller.oa.state == "offer_due"
+        if not body or self.media is None:
             log.info("call %s: 2xx without SDP from %s", self.id, fork.peer)
-            fork.final = (488, "Not Acceptable Here")
-            self.fire("fork_failed", fork, 488, "Not Acceptable Here")
-            return False
+            return self._fork_refused(fork, 488, "Not Acceptable Here")
+        try:
+            sdp_for_a = (self.media.reoffer("b", body) if late
+                         else self.media.answer_from_b(body))
+        except Exception as exc:
+            log.info("call %s: SDP from %s not acceptable: %s", self.id, fork.peer, exc)
+            return self._fork_refused(fork, 488, "Not Acceptable Here")
+        fork.oa.fire("receive_offer" if late else "receive_answer")
         self.winner = fork
         confirmed = getattr(self.media, "confirmed", None)
         if confirmed is not None:  # the callee's dialog is confirmed: media re-learns
             confirmed("b", fork.peer.host)
         self.fire("answer", sdp_for_a)
         return True
+
+    def _fork_refused(self, fork: CalleeLeg, status: int, reason: str) -> bool:
+        fork.final = (status, reason)
+        self.fire("fork_failed", fork, status, reason)
+        return False
+
+    def caller_acked(self, ack: Request) -> None:
+        """The ACK of our 200: in a late-offer call it carries the caller's answer to
+        the callee's offer, which goes to the callee in our ACK; without one both legs
+        get BYE (RFC 3261 §13.2.2.4: an offer in a 2xx needs its answer in the ACK)."""
+        winner = self.winner
+        if self.caller.oa.offer_outstanding and winner is not None:
+            body = b""
+            if ack.body and self.media is not None:
+                try:
+                    body = self.media.reanswer("a", ack.body)
+                except Exception as exc:
+                    log.info("call %s: answer in the ACK not acceptable: %s", self.id, exc)
+            if not body:
+                self.caller.oa.fire("rollback")
+                winner.oa.fire("rollback")
+                self.fire("hangup", "pbx", "No SDP answer in ACK",
+                          'SIP;cause=488;text="No SDP answer in ACK"')
+                return
+            self.caller.oa.fire("receive_answer")
+            winner.oa.fire("send_answer")
+            winner.send_ack(body)
+        self.fire("caller_ack")
+
+    def ack_missing(self, leg: Leg, cseq: int) -> None:
+        """A 2xx of ours on ``leg`` got no ACK in 64*T1 (§13.3.1.4)."""
+        if leg is self.caller and self.state == "answered":
+            self.fire("ack_timeout", "pbx", "ACK Timeout")
+            return
+        relay = self.reinvite
+        if relay is not None:
+            relay.ack_missing(leg, cseq)
 
     # -- chart callbacks --------------------------------------------------------------------
     def no_forks_left(self, *_: Any) -> bool:
@@ -684,12 +801,15 @@ class Call(TimedChartModel):
 
     def relay_provisional(self, fork: CalleeLeg, response: Response) -> None:
         body = b""
-        if response.body and self.media is not None:
+        if response.body and self.media is not None and self.caller.oa.state != "offer_due":
             try:
                 body = self.media.answer_from_b(response.body)
             except Exception as exc:
                 log.info("call %s: early media SDP dropped: %s", self.id, exc)
         self.caller.send_provisional(response.status, response.reason, body)
+        if body:  # an early answer (RFC 3261 §13.2.1); the 2xx repeats it
+            fork.oa.fire("receive_answer")
+            self.caller.oa.fire("send_answer")
 
     def relay_answer(self, sdp_for_a: bytes) -> None:
         winner = self.winner
@@ -699,16 +819,15 @@ class Call(TimedChartModel):
                 fork.cancel()
         if winner.dialog is not None:
             self.b2bua.dialogs.add(winner.dialog, winner)
-        self.caller.send_answer(sdp_for_a, self._caller_ack_timeout)
+        self.caller.oa.fire("send_offer" if self.caller.oa.state == "offer_due"
+                            else "send_answer")
+        self.caller.send_answer(sdp_for_a)
         confirmed = getattr(self.media, "confirmed", None)
         if confirmed is not None:  # our 200 confirms the caller's dialog: media re-learns
             confirmed("a")
         self.answered_at = self.clock.seconds()
         self.b2bua.cdr.answered(self.record)
         self.b2bua.answered_calls += 1
-
-    def _caller_ack_timeout(self) -> None:
-        self.fire("ack_timeout", "pbx", "ACK Timeout")
 
     def _set_end(self, side: str, cause: str, disposition: str | None = None) -> None:
         record = self.record
@@ -719,9 +838,10 @@ class Call(TimedChartModel):
             record.disposition = disposition
 
     def reject_caller(self, status: int, reason: str | None,
-                      disposition: str | None = None, *_: Any) -> None:
+                      disposition: str | None = None,
+                      warning: tuple[str, str] | None = None, *_: Any) -> None:
         self._cancel_forks()
-        self.caller.reject(status, reason)
+        self.caller.reject(status, reason, [warning] if warning else ())
         self._set_end("pbx", f"{status} {reason or ''}".strip(),
                       disposition or disposition_for_status(status))
 
@@ -756,7 +876,11 @@ class Call(TimedChartModel):
             self.winner.remote_bye()
         for leg in (self.caller, self.winner):
             if leg is not None and not leg.closed:
-                leg.send_bye(reason)
+                try:
+                    leg.send_bye(reason)
+                except Exception:  # one leg's failure must not cost the other its BYE
+                    log.exception("call %s: BYE to %s failed", self.id, leg.peer)
+                    leg.fire("close")
         self.fire("leg_closed")
 
     def finish(self, *_: Any) -> None:
