@@ -4,8 +4,12 @@ Enough of RFC 3261 for a phone: REGISTER and INVITE with digest MD5 (RFC 2617 / 
 8760, ``qop=auth`` or none), answering an INVITE (180, then 200 with SDP after a chosen
 ring time), ACK, BYE, and an RTP socket that can sit on another loopback address than
 the one the SDP names (a phone behind NAT: it signals its private address, its packets
-come from the NAT's public one).  Blocking sockets and one :class:`Net` poll loop in the
-test's thread; no reactor.  Only loopback addresses are meant to be used.
+come from the NAT's public one).  For offer/answer tests: a chosen offer body (none: a
+late offer, answered in the ACK), a chosen answer (``answer_sdp``), re-INVITEs sent from
+either side (:meth:`Phone.reinvite`) and answered with a chosen status, and a log of
+every request received (``requests``) and ACK body (``ack_bodies``).  Blocking sockets
+and one :class:`Net` poll loop in the test's thread; no reactor.  Only loopback
+addresses are meant to be used.
 """
 
 from __future__ import annotations
@@ -192,6 +196,13 @@ class Phone:
         self.invite: Message | None = None
         self.answered = False
         self.acked = False
+        self.requests: list[Message] = []        # every request received
+        self.ack_bodies: list[bytes] = []
+        self.reinvite_status = 200               # what re-INVITEs received get
+        # The SDP this phone answers an offer with (default: its own sdp()).
+        self.answer_sdp: Callable[[bytes], bytes] = lambda _offer: self.sdp()
+        self.offer_sdp: Callable[[], bytes] = lambda: self.sdp()  # 2xx to an offerless INVITE
+        self.dialog: dict[str, str] = {}         # call_id, from, to, target (after setup)
         net.add(self.sip, self._readable)
         net.add(self.rtp.sock, self.rtp.readable)
 
@@ -222,7 +233,7 @@ class Phone:
                 "a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n").encode()
 
     def _learn_sdp(self, body: bytes) -> None:
-        text = body.decode()
+        text = body.decode(errors="replace")
         host = re.search(r"c=IN IP4 (\S+)", text)
         port = re.search(r"m=audio (\d+)", text)
         if host and port:
@@ -294,22 +305,76 @@ class Phone:
             "REGISTER", uri, to=to, extra=[("Expires", "300"), *extra]), "REGISTER")
         assert final.status == 200, final.start
 
-    def call(self, number: str, timeout: float = 30.0) -> Message:
-        """INVITE ``number`` with SDP; returns the 2xx (ACKed) or raises."""
-        self.call_id = secrets.token_hex(8)
-        self.cseq += 1
-        uri = f"sip:{number}@{self.pbx[0]}:{self.pbx[1]}"
-        to = f"<sip:{number}@{self.pbx[0]}>"
-        final = self._transact(lambda extra: self._request_msg(
-            "INVITE", uri, to=to, body=self.sdp(), extra=extra), "INVITE", timeout)
+    def call(self, number: str, timeout: float = 30.0, *, body: bytes | None = None,
+             ack_body: bytes | None = None) -> Message:
+        """INVITE ``number`` with SDP (``body``; ``b""``: a late offer, whose answer goes
+        in the ACK: ``ack_body``, default ``answer_sdp``); returns the 2xx (ACKed)."""
+        final = self.invite_final(number, timeout, body=body)
         assert final.status == 200, final.start
         self._learn_sdp(final.body)
         self.tags["remote_to"] = final.get("To")
         contact = re.search(r"<([^>]+)>", final.get("Contact"))
-        self.dialog_uri = contact.group(1) if contact else uri
+        self.dialog_uri = contact.group(1) if contact else self._uri(number)
+        self.dialog = {"call_id": self.call_id, "to": final.get("To"),
+                       "from": f"<sip:{self.number}@{self.pbx[0]}>;tag={self.tags['local']}",
+                       "target": self.dialog_uri}
+        if body == b"" and ack_body is None:
+            ack_body = self.answer_sdp(final.body)
         ack = self._request_msg("ACK", self.dialog_uri, to=final.get("To"),
-                                cseq=int(final.get("CSeq").split()[0]))
+                                cseq=int(final.get("CSeq").split()[0]), body=ack_body or b"")
         self.send(ack)
+        return final
+
+    def _uri(self, number: str) -> str:
+        return f"sip:{number}@{self.pbx[0]}:{self.pbx[1]}"
+
+    def invite_final(self, number: str, timeout: float = 30.0, *,
+                     body: bytes | None = None) -> Message:
+        """INVITE ``number`` and return its final response (a failure is ACKed)."""
+        self.call_id = secrets.token_hex(8)
+        self.cseq += 1
+        uri, to = self._uri(number), f"<sip:{number}@{self.pbx[0]}>"
+        sdp = self.sdp() if body is None else body
+        sent: list[Message] = []
+
+        def build(extra: list[tuple[str, str]]) -> Message:
+            sent.append(self._request_msg("INVITE", uri, to=to, body=sdp, extra=extra))
+            return sent[-1]
+
+        final = self._transact(build, "INVITE", timeout)
+        if final.status >= 300:
+            self._ack_error(sent[-1], final)
+        return final
+
+    def reinvite(self, body: bytes, timeout: float = 10.0,
+                 ack_body: bytes | None = None) -> Message:
+        """A re-INVITE in the call's dialog (caller or callee side); its final response
+        is returned, a 2xx ACKed (with ``ack_body``: the answer to an offer in it)."""
+        d = self.dialog
+        assert d, "no dialog"
+        self.cseq += 1
+        headers = [("Via", self._via()), ("Max-Forwards", "70"), ("From", d["from"]),
+                   ("To", d["to"]), ("Call-ID", d["call_id"]),
+                   ("CSeq", f"{self.cseq} INVITE"),
+                   ("Contact", f"<sip:{self.number}@{self.private_host}:{self.sip_port}>")]
+        if body:
+            headers.append(("Content-Type", "application/sdp"))
+        self.inbox.clear()
+        self.send(Message(f"INVITE {d['target']} SIP/2.0", headers, body))
+        final = self._final("INVITE", timeout)
+        ack_headers = [("Via", self._via()), ("Max-Forwards", "70"), ("From", d["from"]),
+                       ("To", d["to"]), ("Call-ID", d["call_id"]),
+                       ("CSeq", f"{self.cseq} ACK")]
+        if final.status < 300:
+            if final.body:
+                self._learn_sdp(final.body)
+            if ack_body:
+                ack_headers.append(("Content-Type", "application/sdp"))
+            self.send(Message(f"ACK {d['target']} SIP/2.0", ack_headers, ack_body or b""))
+        else:
+            self.send(Message(f"ACK {d['target']} SIP/2.0",
+                              [(k, final.get("To") if k == "To" else v)
+                               for k, v in ack_headers]))
         return final
 
     def bye(self) -> None:
@@ -336,23 +401,38 @@ class Phone:
 
     def _request(self, request: Message) -> None:
         method = request.start.split()[0]
+        self.requests.append(request)
         if method == "INVITE" and self.invite is None:
             self.invite = request
-            self._learn_sdp(request.body)
+            if request.body:
+                self._learn_sdp(request.body)
             self._reply(request, 180, "Ringing")
             self.net.later(getattr(self, "ring", 0.0), self._answer)
         elif method == "INVITE":
-            if self.answered:
-                self._reply(request, 200, "OK", self.sdp())
+            if self.reinvite_status >= 300:
+                self._reply(request, self.reinvite_status, "Not Acceptable Here")
+            elif self.answered:
+                body = self.answer_sdp(request.body) if request.body else self.offer_sdp()
+                self._reply(request, 200, "OK", body)
         elif method == "ACK":
             self.acked = True
+            self.ack_bodies.append(request.body)
+            if request.body:
+                self._learn_sdp(request.body)
         elif method in ("BYE", "OPTIONS", "INFO") or method == "CANCEL":
             self._reply(request, 200, "OK")
 
     def _answer(self) -> None:
-        assert self.invite is not None
+        invite = self.invite
+        assert invite is not None
         self.answered = True
-        self._reply(self.invite, 200, "OK", self.sdp())
+        to = invite.get("To")
+        self.dialog = {"call_id": invite.get("Call-ID"), "from": f"{to};tag={self.tags['local']}"
+                       if ";tag=" not in to else to, "to": invite.get("From"),
+                       "target": (re.search(r"<([^>]+)>", invite.get("Contact")) or
+                                  re.search(r"(\S+)", invite.get("Contact"))).group(1)}
+        body = self.answer_sdp(invite.body) if invite.body else self.offer_sdp()
+        self._reply(invite, 200, "OK", body)
 
     def close(self) -> None:
         self.sip.close()
