@@ -6,6 +6,14 @@ forward (our address, the other leg's port, the codec filter) and drives the rel
 Behaviour with states lives in ``statecharts/rtp_session.yaml``; this class supplies the
 callbacks.  Timers go through the injected reactor, so tests drive them with a Clock.
 
+Offer/answer (RFC 3264) is not a chart state either: the session keeps the pending offer
+(as received and as relayed) and the last answered one; :mod:`pbx.media.negotiation`
+shapes each answer against its offer (m-lines kept, a codec subset with the offer's
+payload numbers, a §6.1 direction, the same RTP profile: SRTP's ``a=crypto`` lines pass
+through untouched), a re-offer's address takes effect only with its answer and
+:meth:`MediaSession.reject_offer` forgets it (§8).  Which leg may offer when is the call
+layer's per-leg ``offer_answer`` chart.
+
 What the chart does not show: media address learning, per relay socket (see
 :mod:`pbx.media.relay`).  The session feeds it from signalling: every SDP it rewrites
 toward a side opens that side's learning window (the call sends that SDP at once: our
