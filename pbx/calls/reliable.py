@@ -11,8 +11,8 @@ never relayed end to end: each leg runs its own RSeq space and PRACKs.
   ``statecharts/reliable_provisional.yaml``.  What the chart does not show, kept here as
   data: the RSeq counter (first value random in 1..2**31-1, then +1), the FIFO of
   provisionals waiting behind the one in flight (bounded; a final response drops it),
-  and the 2xx held back while the provisional in flight carries SDP (§3), released by
-  its PRACK or failed by the 64*T1 give-up.
+  and the 2xx held back while a provisional is in flight (§3 requires it for one with
+  SDP; we do it for all), released by its PRACK or failed by the 64*T1 give-up.
 
 Everything here is sans-IO: responses go out through a ``send`` callable and time
 through the model's ``clock`` (``IReactorTime``), so tests drive it with ``task.Clock``.
@@ -186,7 +186,6 @@ class PrackTracker:
 @dataclass(slots=True)
 class _Provisional:
     response: Response
-    has_sdp: bool
     rseq: int = 0
 
 
@@ -219,7 +218,7 @@ class ReliableProvisionals(TimedChartModel):
         """Send ``response`` (a 101-199) reliably: now, or after the one in flight."""
         if self.is_final:
             return
-        item = _Provisional(response, bool(response.body))
+        item = _Provisional(response)
         if self.state == "idle":
             self.fire("send", item)
             return
@@ -235,19 +234,29 @@ class ReliableProvisionals(TimedChartModel):
             return False
         return bool(self.fire("prack", rack))
 
+    def matches(self, request: Request) -> bool:
+        """Whether :meth:`prack` would accept ``request`` (answer its 200 first: the
+        PRACK may release a held 2xx, which must not overtake the PRACK's 200)."""
+        rack = RAck.parse(request.headers.get("RAck"))
+        return (rack is not None and self.state in ("awaiting_prack", "closed")
+                and self.rack_matches(rack))
+
     def may_send_final(self, success: bool) -> bool:
-        """§3: a 2xx must wait while the provisional in flight carries SDP."""
-        item = self._in_flight
-        return not (success and item is not None and item.has_sdp
+        """Whether a final response may go now.  §3: a 2xx must wait while the
+        provisional in flight carries SDP; we let a 2xx wait for any provisional in
+        flight (§3 allows it), so the caller always sees PRACK's 200 before the INVITE's
+        and never a 2xx overtaking its PRACK.  A failure goes at once."""
+        return not (success and self._in_flight is not None
                     and self.state == "awaiting_prack")
 
     def hold_final(self, release: Callable[[], None]) -> None:
-        """Run ``release`` (send the 2xx) once the SDP-bearing provisional is PRACKed;
+        """Run ``release`` (send the 2xx) once the provisional in flight is PRACKed;
         a give-up drops it (``on_give_up`` answers the INVITE instead)."""
         self._held = release
 
     def close(self) -> None:
-        """A final response went out (or the call ended): stop retransmitting."""
+        """A final response went out (or the call ended): stop retransmitting.  The
+        provisional in flight is kept: its PRACK may still come (and gets 200)."""
         self._queue.clear()
         self._held = None
         self.fire("close")
@@ -282,6 +291,9 @@ class ReliableProvisionals(TimedChartModel):
         cseq = item.response.cseq
         return (rack.rseq == item.rseq and rack.cseq == cseq.seq
                 and rack.method == cseq.method)
+
+    def forget_in_flight(self, *_: Any) -> None:
+        self._in_flight = None
 
     def acknowledged(self, _rack: RAck) -> None:
         self._in_flight = None

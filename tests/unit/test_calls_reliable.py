@@ -164,6 +164,7 @@ def test_uas_prack_matches_only_the_one_in_flight() -> None:
     h = Harness()
     h.rp.provisional(provisional())
     assert not h.rp.prack(prack(999))
+    assert not h.rp.matches(prack(999)) and h.rp.matches(prack(1000))
     assert not h.rp.prack(prack(1000, cseq=6))
     assert not h.rp.prack(prack(1000, method="BYE"))
     assert h.rp.prack(prack(1000))
@@ -217,13 +218,15 @@ def test_uas_2xx_held_while_sdp_provisional_unacknowledged() -> None:
     assert len(h.sent) == 1
 
 
-def test_uas_2xx_not_held_for_provisional_without_sdp() -> None:
+def test_uas_2xx_held_for_a_provisional_without_sdp_too() -> None:
     h = Harness()
     h.rp.provisional(provisional(180))
+    assert not h.rp.may_send_final(True)   # our choice: PRACK's 200 precedes the 2xx
+    assert h.rp.prack(prack(1000))
     assert h.rp.may_send_final(True)
 
 
-def test_uas_close_stops_everything() -> None:
+def test_uas_close_stops_everything_but_a_late_prack_still_gets_200() -> None:
     h = Harness()
     h.rp.provisional(provisional(180))
     h.rp.close()
@@ -231,6 +234,9 @@ def test_uas_close_stops_everything() -> None:
     assert len(h.sent) == 1 and h.gave_up == 0 and h.rp.state == "closed"
     h.rp.provisional(provisional(183))
     assert len(h.sent) == 1
+    assert not h.rp.prack(prack(999))
+    assert h.rp.prack(prack(1000))          # the one that was in flight: once
+    assert not h.rp.prack(prack(1000))
 
 
 def test_uas_random_initial_rseq_in_range() -> None:
