@@ -22,7 +22,10 @@ re-INVITE (hold/resume, with or without an offer: :class:`_Reinvite`) and INFO/O
 are relayed to the other leg with SDP rewritten by the media session; a re-INVITE while
 either leg's offer/answer (``statecharts/offer_answer.yaml``) is not stable, or while a
 2xx awaits its ACK, gets 491 (glare, RFC 3261 §14.2, RFC 6337 §3.1).  An SDP we cannot
-use gets 488 with a ``Warning`` (RFC 3261 §20.43: 302, 304, 305).
+use gets 488 with a ``Warning`` (RFC 3261 §20.43: 302, 304, 305).  PRACK (RFC 3262),
+UPDATE (RFC 3311) and session timers (RFC 4028) are terminated per leg by
+:class:`~pbx.calls.features.CallFeatures`; an INVITE whose Session-Expires is below our
+Min-SE gets 422 before a call exists.
 
 Only the standard library, Twisted and ``pbx.sip`` are used: the store, media and
 configuration come in as plain arguments and Protocols (see ``pbx.calls.wiring``).
@@ -40,7 +43,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from pbx.calls.call import Call, CallerLeg, Leg, _Client
 from pbx.calls.cdr import CONGESTION, CDRSink, CDRWriter
+from pbx.calls.features import check_session_interval
 from pbx.calls.routing import Dialplan, ExtensionDirectory, Locator, check_hops
+from pbx.calls.session_timer import TimerPolicy
 from pbx.sip import (
     MAGIC_COOKIE,
     AuthOutcome,
@@ -117,7 +122,9 @@ class B2BUA:
         self.guard = guard
         self.retry_after = retry_after if retry_after is not None else endpoint.retry_after
         self.branch_prefix = f"{MAGIC_COOKIE}pbx{secrets.token_hex(3)}"
-        self.allow = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
+        self.allow = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, PRACK, UPDATE"
+        # RFC 4028 session timers (calls.session_timer); None: none negotiated.
+        self.session_timer: TimerPolicy | None = TimerPolicy()
         self.dialogs: DialogTable[Leg] = DialogTable()
         self.calls: dict[str, Call] = {}
         self._invites: dict[ServerTransaction, Any] = {}
@@ -135,6 +142,8 @@ class B2BUA:
         handlers["INVITE"] = self.handle_invite
         handlers["BYE"] = self.handle_in_dialog
         handlers["INFO"] = self.handle_in_dialog
+        handlers["PRACK"] = self.handle_in_dialog   # RFC 3262 (answered by CallFeatures)
+        handlers["UPDATE"] = self.handle_in_dialog  # RFC 3311 (relayed by CallFeatures)
         handlers["CANCEL"] = self.handle_cancel
         handlers["OPTIONS"] = self.handle_options
         self.endpoint.ack_handler = self.handle_ack
@@ -330,6 +339,8 @@ class B2BUA:
 
     def _start_call(self, request: Request, transaction: ServerTransaction, peer: Peer,
                     user: str) -> None:
+        if check_session_interval(self, request, transaction):
+            return  # 422 Session Interval Too Small (RFC 4028 §6): not a call attempt
         number = self.dialplan.dialled(request) or ""
         max_forwards = request.max_forwards
         caller = CallerLeg(self, request, transaction, peer, new_tag())
@@ -420,6 +431,11 @@ class B2BUA:
             self._remote_bye(call, leg)
         elif method == "INVITE":
             self._relay_reinvite(call, leg, request, transaction)
+        elif method in ("PRACK", "UPDATE") and call.features is not None:
+            if method == "PRACK":
+                call.features.handle_prack(leg, request, transaction)
+            else:
+                call.features.handle_update(leg, request, transaction)
         else:
             self._relay_request(call, leg, request, transaction)
 

@@ -49,6 +49,7 @@ from pbx.calls.cdr import (
     CallRecord,
     disposition_for_status,
 )
+from pbx.calls.features import CallFeatures
 from pbx.calls.offer_answer import OfferAnswer
 from pbx.sip import (
     URI,
@@ -163,6 +164,7 @@ class Leg(TimedChartModel):
         self._2xx: Response | None = None     # our 2xx awaiting its ACK...
         self._2xx_cseq = 0                    # ...for the INVITE with this CSeq
         self._bye_reason: str | None = None
+        self.sdp_sent = b""   # our last SDP on this leg (a session refresh repeats it)
 
     # Values the chart's timers name.
     @property
@@ -191,8 +193,10 @@ class Leg(TimedChartModel):
 
     def extension_headers(self, kind: str) -> list[tuple[str, str]]:
         """Extra headers for an outgoing ``kind`` ("invite": our INVITE or re-INVITE,
-        "2xx": our 2xx to an INVITE).  None yet; RFC 4028 Session-Expires goes here."""
-        return []
+        "2xx": our 2xx to an INVITE): 100rel/timer option tags and RFC 4028
+        Session-Expires, from the call's :class:`~pbx.calls.features.CallFeatures`."""
+        features = self.call.features if self.call is not None else None
+        return features.extension_headers(self, kind) if features is not None else []
 
     # -- in-dialog requests -----------------------------------------------------------
     def send_in_dialog(self, method: str, user: Any, *, body: bytes = b"",
@@ -210,6 +214,8 @@ class Leg(TimedChartModel):
             method, via=b2bua.make_via(self.peer),
             contact=b2bua.contact(self.peer) if method in ("INVITE", "UPDATE") else None,
             body=body, content_type=content_type, extra=headers)
+        if body and method in ("INVITE", "UPDATE"):
+            self.sdp_sent = body
         try:
             return b2bua.transactions.send_request(request, self.peer, user)
         except TransportError:
@@ -313,6 +319,8 @@ class Leg(TimedChartModel):
         if body:
             response.headers.add("Content-Type", content_type or "application/sdp")
             response.body = body
+            if status < 300 and request.method in ("INVITE", "UPDATE"):
+                self.sdp_sent = body
         transaction.respond(response)
         return response
 
@@ -384,16 +392,25 @@ class CallerLeg(Leg):
         if self.state not in ("calling", "early"):
             return
         self._ensure_dialog()
-        self.transaction.respond(self._response(status, reason, body))
+        response = self._response(status, reason, body)
+        features = self.call.features if self.call is not None else None
+        if features is None or not features.caller_provisional(response):  # RFC 3262
+            self.transaction.respond(response)
         self.fire("provisional")
 
     def send_answer(self, body: bytes) -> None:
-        """200 OK with our SDP; the dialog is confirmed; retransmitted until the ACK."""
+        """200 OK with our SDP; the dialog is confirmed; retransmitted until the ACK.
+        It waits while a reliable 18x is not PRACKed (RFC 3262 §3)."""
+        features = self.call.features if self.call is not None else None
+        if features is not None and features.hold_answer(lambda: self.send_answer(body)):
+            return
         dialog = self._ensure_dialog()
         response = self._response(200, None, body)
         dialog.confirm()
         self.transaction.respond(response)
         self.await_ack(response, self.request.cseq.seq)
+        if features is not None:
+            features.caller_answered(body)
 
     def reject(self, status: int, reason: str | None,
                headers: Iterable[tuple[str, str]] = ()) -> None:
@@ -403,6 +420,8 @@ class CallerLeg(Leg):
         for name, value in headers:
             response.headers.add(name, value)
         self.transaction.respond(response)
+        if self.call is not None and self.call.features is not None:
+            self.call.features.caller_final()  # no more reliable 18x retransmissions
         self.fire("reject")
 
 
@@ -481,6 +500,9 @@ class CalleeLeg(Leg):
         elif status < 300:
             self._success(response)
         elif self.unanswered and self.final is None:
+            features = self.call.features if self.call is not None else None
+            if features is not None and features.callee_final(self, response):
+                return  # a 422 retried with a larger Session-Expires (RFC 4028 §7.4)
             self.final = (status, response.reason)
             if self.dialog is not None:
                 self.dialog.update_from_response(response)
@@ -517,7 +539,8 @@ class CalleeLeg(Leg):
             getattr(call, method)(*args)
 
     def provisional_received(self, response: Response) -> None:
-        """A 1xx of our INVITE (RFC 3262 PRACK would start here)."""
+        """A 1xx of our INVITE; a reliable one is PRACKed (RFC 3262 §4) and its
+        retransmissions are dropped here."""
         self.fire("provisional")
         if self.cancelled or response.status == 100:
             return
@@ -526,6 +549,9 @@ class CalleeLeg(Leg):
                 self.dialog = Dialog.from_uac(self.invite, response)
         except SIPParseError:
             pass
+        features = self.call.features if self.call is not None else None
+        if features is not None and not features.callee_provisional(self, response):
+            return
         self._tell("fork_provisional", self, response)
 
     def _success(self, response: Response) -> None:
@@ -632,6 +658,9 @@ class Call(TimedChartModel):
         self.media: Any = None
         self.sdp_for_b = b""
         self.reinvite: Any = None   # the in-dialog INVITE being relayed (pbx.calls.b2bua)
+        # 100rel, UPDATE, session timers of both legs (pbx.calls.features)
+        self.features: CallFeatures | None = CallFeatures(
+            self, getattr(b2bua, "session_timer", None))
         self.created_at = b2bua.clock.seconds()
         self.answered_at: float | None = None
         self._media_closed = False
@@ -734,6 +763,8 @@ class Call(TimedChartModel):
             return self._fork_refused(fork, 488, "Not Acceptable Here")
         fork.oa.fire("receive_offer" if late else "receive_answer")
         self.winner = fork
+        if self.features is not None:  # that leg's session timer (RFC 4028 §7.2)
+            self.features.callee_answered(fork, response)
         confirmed = getattr(self.media, "confirmed", None)
         if confirmed is not None:  # the callee's dialog is confirmed: media re-learns
             confirmed("b", fork.peer.host)
@@ -893,6 +924,8 @@ class Call(TimedChartModel):
                     leg.dialog.terminate()
         self.b2bua.call_finished(self)
         self.b2bua.cdr.finished(self.record)
+        if self.features is not None:
+            self.features.stop()  # timers, retransmissions, and its link to the call
         self._release_legs()
 
     def _release_legs(self) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pbx.calls.b2bua import B2BUA
+from pbx.calls.session_timer import TimerPolicy
 
 __all__ = ["LocalAddresses", "advertised_host", "install_calls"]
 
@@ -172,6 +173,11 @@ def install_calls(service: Any) -> B2BUA:
         user_agent=sip.user_agent, node=service.node, domain=sip.domain,
         guard=getattr(service, "guard", None),
         retry_after=int(settings.lifecycle.retry_after), local_host_for=local.host_for)
+    timer = getattr(calls, "session_timer", None)  # RFC 4028 on both legs
+    if timer is not None:  # (a duck-typed service without it keeps RFC 4028's defaults)
+        b2bua.session_timer = TimerPolicy(enabled=bool(timer.enabled),
+                                          expires=int(timer.expires),
+                                          min_se=int(timer.min_se))
     b2bua.install()
     b2bua.allocator = allocator  # type: ignore[attr-defined]  # for metrics/health
 

@@ -397,6 +397,34 @@ class LoggingSettings(_Section):
         return value.strip().lower() if isinstance(value, str) else value
 
 
+class SessionTimerSettings(_Section):
+    """RFC 4028 session timers, negotiated by the B2BUA on each leg of a call.
+
+    Enabled, the PBX asks for a timer on calls where the phone did not (refreshing
+    the leg itself when it is the refresher) and ends a call whose refreshes stop with
+    BYE and the CDR cause "Session Timer Expired".  Disabled, it asks for none; a
+    phone that asks for one still gets it (RFC 4028 §9).
+    """
+
+    enabled: bool = Field(True, json_schema_extra=_fix("use true or false"))
+    # Session-Expires we offer and the most we accept (seconds; RFC 4028 §4: 1800).
+    expires: int = Field(1800, ge=10, le=86_400, json_schema_extra=_fix(
+        "use seconds between 10 and 86400, e.g. 1800 (RFC 4028's recommendation)"))
+    # Min-SE: shorter intervals get 422 (RFC 4028 §5/§6).  RFC 4028 §4 wants >= 90; a
+    # smaller value is accepted for tests only (the validator warns).
+    min_se: int = Field(90, ge=10, le=86_400, json_schema_extra=_fix(
+        "use seconds >= 90 (RFC 4028 §4) and <= calls.session_timer.expires"))
+
+    @model_validator(mode="after")
+    def _check_order(self) -> SessionTimerSettings:
+        if self.min_se > self.expires:
+            raise _rule_error(
+                "calls.session_timer.min_se",
+                f"min_se ({self.min_se}) must not exceed expires ({self.expires})",
+                "lower calls.session_timer.min_se or raise calls.session_timer.expires")
+        return self
+
+
 class CallsSettings(_Section):
     """Call admission and call-level timers."""
 
@@ -407,6 +435,7 @@ class CallsSettings(_Section):
     # Numbers matching this are internal extensions (dialled directly).
     dialplan_pattern: str = Field(r"^[0-9]{2,15}$", json_schema_extra=_fix(
         "use a regular expression matching your extension numbers, e.g. ^[0-9]{3,4}$"))
+    session_timer: SessionTimerSettings = Field(default_factory=SessionTimerSettings)
 
     @field_validator("dialplan_pattern")
     @classmethod

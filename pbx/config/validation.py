@@ -55,6 +55,7 @@ EXT_PASSWORD_<WEAKNESS>                   W/E  TOO_SHORT, COMMON, SEQUENCE, REPE
                                                LOW_VARIETY, IS_NUMBER, CONTAINS_NUMBER, EMPTY
 CODEC_NONE_ENABLED                        E    (when ``rtp.codecs`` exists) no codec enabled
 CODEC_NO_G711                             W    (when ``rtp.codecs`` exists) no PCMU/PCMA
+CALLS_SESSION_TIMER_MIN_SE_LOW            W    ``calls.session_timer.min_se`` below 90 s
 PROD_EXAMPLE_VALUE                        W    example.com, changeme... left in a value
 PROD_DEFAULT_VALUE                        W    production with ``sip.domain: pbx.local``
 PROD_DEBUG_LOGGING                        W    ``logging.level: DEBUG``
@@ -853,7 +854,16 @@ def _production(ctx: _Context) -> None:
                     f"chmod 600 {env_file}")
 
 
+def _session_timer(ctx: _Context) -> None:
+    min_se = ctx.settings.calls.session_timer.min_se
+    if min_se < 90:
+        ctx.add("warning", "CALLS_SESSION_TIMER_MIN_SE_LOW", "calls.session_timer.min_se",
+                f"calls.session_timer.min_se is {min_se}: RFC 4028 §4 says a session "
+                "interval below 90 s must not be used (meant for tests only)",
+                "use 90 or more (the default is 90)")
+
+
 _RULES: Final[Sequence[Callable[[_Context], None]]] = (
     _server_ports, _rtp_range, _external_ip, _bind_addresses, _database, _security, _tls,
-    _extensions, _codecs, _production,
+    _extensions, _codecs, _production, _session_timer,
 )

@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 RequestHandler = Callable[[Request, ServerTransaction, Peer], None]
 
 ACCEPTED_BODY_TYPES = ("application/sdp",)
-# Option tags (RFC 3261 §19.2) we implement; none yet, and we never claim one we lack.
+# Option tags (RFC 3261 §19.2) we implement, and we never claim one we lack: "100rel"
+# (RFC 3262, PRACK; pbx.calls.reliable) and "timer" (RFC 4028 session timers;
+# pbx.calls.session_timer), both terminated per leg by the B2BUA.
 # The single source: OPTIONS advertises these in Supported, and a Require naming any
 # other tag is refused with 420 (see unsupported_extensions()).
-SUPPORTED_EXTENSIONS: tuple[str, ...] = ()
+SUPPORTED_EXTENSIONS: tuple[str, ...] = ("100rel", "timer")
 # Require in ACK and CANCEL is not checked (§8.2.2.3): an ACK cannot be refused and a
 # CANCEL must not be refused for an extension the INVITE already passed.
 _REQUIRE_EXEMPT = frozenset({"ACK", "CANCEL"})
