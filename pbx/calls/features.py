@@ -379,8 +379,9 @@ class CallFeatures:
         call = self.call
         leg = self._leg(side)
         timer = self.timers.get(side)
-        if call is None or leg is None or timer is None or leg.closed or not leg.confirmed:
-            return
+        if (call is None or leg is None or timer is None or leg.closed or not leg.confirmed
+                or call.state not in ("answered", "connected")):
+            return  # a call being torn down is not refreshed
         other = call.other(leg)
         if (call.reinvite is not None or self.update_pending or leg.awaiting_ack
                 or not leg.oa.stable or (other is not None and not other.oa.stable)):
@@ -454,10 +455,20 @@ class CallFeatures:
         if status < 300:
             self.refreshed_by_response(leg, response)
             return
-        if status == 422 and self.policy is not None and timer.current is not None:
+        if status in (405, 501) and response.cseq.method == "UPDATE":
+            self.peer_allows_update[side] = False  # retried shortly as a re-INVITE
+        elif status == 422 and self.policy is not None and timer.current is not None:
             wanted = retry_after_422(response, self.policy, timer.current.interval)
             if wanted is not None:
                 timer.current = replace(timer.current, interval=wanted)
+        elif status not in (408, 481, 491, 500):  # 491, 500: an exchange pending
+            # Any other answer (488, 403...) still proves the peer and its dialog alive,
+            # which is what the refresh is for: the session goes on (§10 ends it only on
+            # 408/481 or no answer).
+            log.info("session refresh on %s answered %d: kept", leg.peer, status)
+            if timer.current is not None:
+                timer.refreshed(timer.current)
+            return
         timer.refresh_failed(status)
 
     # -- UPDATE received on a leg (RFC 3311 §5.2) --------------------------------------------

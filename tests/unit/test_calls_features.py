@@ -68,6 +68,15 @@ def reliable(b: CalleePhone, status: int, rseq: int, body: bytes = b"") -> Respo
     return response
 
 
+def reinvites(h: Harness, peer: Any) -> list[Request]:
+    """Distinct in-dialog INVITEs to ``peer`` (not their retransmissions)."""
+    seen: dict[int, Request] = {}
+    for r in h.requests_to(peer, "INVITE"):
+        if r.to.tag:
+            seen.setdefault(r.cseq.seq, r)
+    return list(seen.values())
+
+
 def only_call(h: Harness) -> Any:
     (call,) = h.b2bua.calls.values()
     return call
@@ -321,3 +330,66 @@ def test_prack_200_goes_out_before_the_released_2xx() -> None:
     order = [(m.cseq.method, m.status) for m in h.to(a.peer)
              if isinstance(m, Response) and m.status == 200]
     assert order == [("PRACK", 200), ("INVITE", 200)]
+
+
+def test_refresh_by_reinvite_when_the_peer_has_no_update() -> None:
+    h = harness(TimerPolicy(enabled=True, expires=1800, min_se=90))
+    a = Caller(h)
+    b = CalleePhone(h, B)
+    a.dial()
+    b.ringing()
+    response = make_response(b.invite, 200, to_tag=b.tag)
+    response.headers.add("Contact", f"<sip:{b.user}@{b.peer.host}:{b.peer.port}>")
+    response.headers.add("Session-Expires", "100;refresher=uac")   # no Allow: UPDATE
+    response.headers.add("Content-Type", "application/sdp")
+    response.body = SDP_B
+    h.response(response, B)
+    a.ack()
+    h.advance(50)
+    sent = reinvites(h, B)
+    assert len(sent) == 1
+    assert sent[0].body == b.invite.body            # the SDP we last sent (§10)
+    assert sent[0].headers.get("Session-Expires") == "100;refresher=uac"
+    acks_before = len(b.acks())
+    b.reply_to_last("INVITE", 200, SDP_B)
+    assert len(b.acks()) == acks_before + 1
+    h.advance(49)
+    assert len(reinvites(h, B)) == 1
+    h.advance(2)
+    assert len(reinvites(h, B)) == 2
+    assert not b.byes()
+
+
+def test_update_501_switches_refreshes_to_reinvite_and_488_keeps_the_call() -> None:
+    h = harness(TimerPolicy(enabled=True, expires=1800, min_se=90))
+    a = Caller(h)
+    b = CalleePhone(h, B)
+    connected(h, a, b, [("Session-Expires", "120;refresher=uac")])
+    h.advance(60)
+    (update,) = h.requests_to(B, "UPDATE")
+    h.response(make_response(update, 501), B)
+    h.advance(5)
+    assert len(reinvites(h, B)) == 1
+    b.reply_to_last("INVITE", 488)
+    h.advance(30)
+    assert not b.byes() and only_call(h).state == "connected"
+
+
+def test_early_update_without_sdp_is_answered_and_with_sdp_refused() -> None:
+    h = harness()
+    a = Caller(h, [("Allow", "INVITE, ACK, BYE, UPDATE")])
+    b = CalleePhone(h, B)
+    a.dial()
+    b.ringing()
+    provisional = a.provisionals()[-1]
+    a.remote_tag = provisional.to.tag
+    a.remote_target = provisional.contacts[0].uri
+    plain = a._in_dialog("UPDATE")
+    h.request(plain, a.peer)
+    offer = a._in_dialog("UPDATE", body=b"v=0\r\nm=audio 4002 RTP/AVP 0\r\n")
+    h.request(offer, a.peer)
+    by_seq = {r.cseq.seq: r for r in a.responses("UPDATE")}
+    assert by_seq[plain.cseq.seq].status == 200
+    refused = by_seq[offer.cseq.seq]
+    assert refused.status == 500 and refused.headers.get("Retry-After") is not None
+    assert not h.requests_to(B, "UPDATE")
