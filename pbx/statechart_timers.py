@@ -339,6 +339,17 @@ class _DelayQueue:
             call, self.call = self.call, None
             if call is not None and call.active():
                 call.cancel()
+            if not self.firing:
+                self._retire()
+
+    def _retire(self) -> None:
+        """Leave the registry once empty: delays computed from the time (a session
+        timer's ``time_left``) are all different, and a queue kept per delay would make
+        the registry grow by one queue per call, forever."""
+        clock = self._clock()
+        queues = _QUEUES.get(clock) if clock is not None else None
+        if queues is not None and queues.get(self.delay) is self:
+            del queues[self.delay]
 
     def _fire(self) -> None:
         self.call = None
@@ -369,6 +380,8 @@ class _DelayQueue:
                 entries.popleft()
             if entries and self.call is None:
                 self.call = clock.callLater(max(0.0, entries[0].deadline - now), self._fire)
+            elif self.live == 0:
+                self._retire()
         if error is not None:
             raise error
 

@@ -279,3 +279,26 @@ def test_a_terminated_client_transaction_lets_go_of_its_user(no_automatic_gc: No
     h.advance(40)  # Timer D
     assert txn.state == "terminated" and txn.user is not fork
     txn.user.transaction_timeout(txn)  # a no-op, not an AttributeError on None
+
+
+def test_timer_queues_of_one_off_delays_leave_the_registry() -> None:
+    """Timers are queued per (clock, delay); a delay computed from the time (a session
+    timer's ``time_left``) is new for every call, so an empty queue must not stay."""
+    from pbx.statechart_timers import _QUEUES
+    from tests.unit.test_media_session import FakeReactor, sdp
+
+    reactor = FakeReactor()
+    allocator = PortAllocator(30000, 30999)
+    for i in range(50):
+        session = MediaSession(reactor, allocator, host="10.0.0.5",
+                               media_timeout=20.0 + i / 64)
+        session.start()
+        session.offer_from_a(sdp(4000, "192.0.2.1"))
+        session.answer_from_b(sdp(6000, "192.0.2.2"))
+        assert session.active_timers()  # the media check, armed with its own delay
+        if i % 2:
+            session.close()  # cancelled
+        else:
+            reactor.advance(20.0)  # expired (and re-armed), then cancelled by the close
+            session.close()
+    assert not _QUEUES.get(reactor)
