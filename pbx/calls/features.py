@@ -14,8 +14,10 @@ The B2BUA terminates each extension per leg, nothing is relayed end to end:
   that leg's timer (§7.2);
 * both legs: a :class:`~pbx.calls.session_timer.SessionTimer` each. When we are the
   refresher we send UPDATE (no SDP) if the peer allows it, else a re-INVITE with the SDP
-  we last sent it (§10); an expiry or a refresh answered 408/481 hangs the call up with
-  the CDR cause "Session Timer Expired";
+  we last sent it (§10); an expiry or a refresh answered 408/481 (or not at all) hangs
+  the call up with the CDR cause "Session Timer Expired"; 491/500 are retried after a
+  few seconds, UPDATE 405/501 switches to re-INVITE, and any other answer proves the peer
+  alive and keeps the session;
 * UPDATE (RFC 3311) received on a leg: decided by :func:`~pbx.calls.update.decide_update`,
   relayed as a new UPDATE on the other leg (SDP rewritten by the media session), its
   answer relayed back; a 2xx to an UPDATE or re-INVITE refreshes the session of that
