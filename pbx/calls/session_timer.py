@@ -294,7 +294,10 @@ class SessionTimer(TimedChartModel):
 
     @property
     def time_left(self) -> float:
-        return max(0.0, self.expires_at - self.clock.seconds())
+        """Until the deadline, in whole milliseconds: timers with equal delays share one
+        reactor call (pbx.statechart_timers), and a refresh armed at once has exactly
+        ``expiry_delay(interval)`` left, not that plus float noise of the clock."""
+        return max(0.0, round(self.expires_at - self.clock.seconds(), 3))
 
     # -- the leg's interface ----------------------------------------------------------
     def refreshed(self, negotiated: Negotiated) -> None:

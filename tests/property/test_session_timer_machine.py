@@ -68,8 +68,8 @@ class TimerMachine(RuleBasedStateMachine):
     def expiry_only_at_the_deadline(self) -> None:
         if self.expired_at is not None and not self.fatal:
             assert self.deadline is not None
-            assert self.expired_at >= self.deadline - 1e-6
-        if self.deadline is not None and self.clock.seconds() >= self.deadline + 1e-6:
+            assert self.expired_at >= self.deadline - 1e-3  # time_left is in ms
+        if self.deadline is not None and self.clock.seconds() >= self.deadline + 1e-3:
             assert self.expired_at is not None
 
     @invariant()
