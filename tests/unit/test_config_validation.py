@@ -234,6 +234,8 @@ RULES: list[tuple[str, str, str, Callable[[dict[str, Any]], None]]] = [
     ("CODEC_NO_G711", "warning", "rtp.codecs", _set("rtp.codecs", ["G722", "telephone-event"])),
     ("SERVER_RTP_RANGE_SMALL", "warning", "rtp.port_max",
      lambda d: (d["rtp"].update(port_max=10049), d["calls"].update(max_calls=10))),
+    ("CALLS_SESSION_TIMER_MIN_SE_LOW", "warning", "calls.session_timer.min_se",
+     _set("calls.session_timer.min_se", 30)),
 ]
 
 
