@@ -596,6 +596,9 @@ class CalleeLeg(Leg):
         self._send_ack(self._ack)
 
     def send_bye(self, reason: str | None = None) -> None:
+        if self.unanswered:  # no dialog to BYE yet: CANCEL it (§9.1, §15)
+            self.cancel()
+            return
         self.send_ack()  # a 2xx whose ACK waited for an answer is ACKed before its BYE
         super().send_bye(reason)
 
