@@ -163,3 +163,23 @@ def test_a_callee_2xx_without_sdp_to_our_offer_fails_the_fork_not_the_pbx() -> N
     assert len(b.acks()) == 1 and len(b.byes()) == 1
     final = a.final()
     assert final is not None and final.status == 488
+
+
+class OddContactCaller(CallerPhone):
+    def build_invite(self, *args: Any, **kw: Any) -> Request:
+        invite = super().build_invite(*args, **kw)
+        invite.headers.set("Contact", "<sip:@@@;;>garbage")  # present but unusable
+        return invite
+
+
+def test_caller_with_an_unparsable_contact_still_gets_its_bye() -> None:
+    h = Harness()
+    a, b = OddContactCaller(h), CalleePhone(h, B)
+    a.dial()
+    b.answer()
+    final = a.final()
+    assert final is not None and final.status == 200
+    a.ack()
+    b.send("BYE")
+    byes = h.requests_to(CALLER, "BYE")
+    assert byes and byes[0].uri.host == CALLER.host
