@@ -248,8 +248,13 @@ class CallFeatures:
 
     # -- callee legs (we are UAC) ---------------------------------------------------------
     def invite_headers(self, fork: CalleeLeg | None = None) -> list[tuple[str, str]]:
-        """§7.1 and RFC 3262 §4: what our INVITE to a callee says we support."""
-        headers = [("Supported", SUPPORTED_HEADER)]
+        """§7.1 and RFC 3262 §4: what our INVITE to a callee says we support.  An
+        offerless INVITE (late offer) does not offer 100rel: a reliable 18x would then
+        carry the callee's offer, whose answer our PRACK must carry (RFC 3262 §5), and
+        the caller's answer only comes in its ACK."""
+        call = self.call
+        late = call is not None and not call.caller.request.body
+        headers = [("Supported", "timer" if late else SUPPORTED_HEADER)]
         if self.policy is not None:
             state = self.forks.get(id(fork)) if fork is not None else None
             interval = state.interval if state is not None else None

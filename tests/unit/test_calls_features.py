@@ -393,3 +393,12 @@ def test_early_update_without_sdp_is_answered_and_with_sdp_refused() -> None:
     refused = by_seq[offer.cseq.seq]
     assert refused.status == 500 and refused.headers.get("Retry-After") is not None
     assert not h.requests_to(B, "UPDATE")
+
+
+def test_late_offer_invite_does_not_offer_100rel_to_the_callee() -> None:
+    h = harness()
+    a = Caller(h)
+    b = CalleePhone(h, B)
+    a.dial(body=b"")
+    supported = {t.lower() for t in b.invite.headers.getall("Supported")}
+    assert "timer" in supported and "100rel" not in supported
