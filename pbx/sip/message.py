@@ -648,7 +648,17 @@ class StreamFramer:
 
     def _measure(self, buf: bytearray) -> int | None:
         """Size of the message at the head of ``buf`` once its header block is complete."""
-        found = _find_header_end(buf, max(0, self._scanned - 3), self.max_size)
+        start = max(0, self._scanned - 3)
+        n = len(buf)
+        found: tuple[int, int] | None
+        if n - start <= 256 and n <= self.max_size:
+            # A small increment (the usual case, and a slow-loris peer's): the two
+            # finds cover it at once, without the windowed search's overhead.
+            crlf = buf.find(b"\r\n\r\n", start)
+            lf = buf.find(b"\n\n", start, crlf + 1 if crlf >= 0 else n)
+            found = (lf, 2) if lf >= 0 else (crlf, 4) if crlf >= 0 else None
+        else:
+            found = _find_header_end(buf, start, self.max_size)
         if found is None:
             if len(buf) > self.max_size:
                 raise SIPParseError("Message too large", status=513)
