@@ -154,9 +154,12 @@ class ScheduledGC:
     themselves by reference counting (tests/unit/test_call_cycles.py), so what reaches
     the old generation is live data, not garbage.  The policy is therefore:
 
-    * a full collection when resident memory has grown ``full_growth`` bytes since the
-      last one (something does make reference cycles: their garbage shows as growth,
-      and is bounded by it), at most once per ``min_full_interval`` seconds;
+    * a full collection when resident memory has grown by half since the last one,
+      and by ``full_growth`` bytes at least (something does make reference cycles:
+      their garbage shows as growth, and is bounded by it), at most once per
+      ``min_full_interval`` seconds.  A load peak grows the live heap too (at 100
+      calls/s the transactions waiting out Timer J take ~90 MB), which then costs one
+      collection, and is the new baseline;
     * otherwise one every ``full_interval`` seconds, a backstop for slow leaks.
 
     :attr:`pauses` records every collection's pause (the ``pbx_gc_*`` metrics).
@@ -199,8 +202,8 @@ class ScheduledGC:
         since = self.clock.seconds() - self._last_full
         if since >= self.full_interval:
             return True
-        return (since >= self.min_full_interval
-                and self.memory() - self._baseline >= self.full_growth)
+        return (since >= self.min_full_interval and self.memory() - self._baseline
+                >= max(self.full_growth, self._baseline // 2))
 
     def _tick(self) -> None:
         if self.full_due():

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                    "transactions_left": txns, "gc": view}
             result["rounds"].append(row)
             say(f"round {n}: {row['succeeded']}/{args.calls} calls ok ({row['failed']} "
-                f"failed) in {elapsed:.0f} s; quiet after {waited:.0f} s; RSS peak "
+                f"failed) in {elapsed:.0f} s; quiet after {waited:.0f} s ({calls} calls, "
+                f"{txns} transactions left); RSS peak "
                 f"{peak:.1f} MB, end {end:.1f} MB: {end - start:+.2f} MB from the start "
                 f"(target within 5 MB); GC: {view['full_collections']} full / "
                 f"{view['young_collections']} young collections, "

@@ -75,11 +75,17 @@ def test_growth_brings_a_full_collection_forward_but_not_more_than_once_a_minute
     memory.value += 100 * MB  # something makes cycles fast
     ticks(clock, 1)
     assert sched.full_collections == 2  # the baseline moved with the collection
-    memory.value += 100 * MB
-    ticks(clock, 59)
-    assert sched.full_collections == 2  # a minute apart at most
+    memory.value += 100 * MB  # < half of the 264 MB baseline: a bigger heap, not garbage
+    ticks(clock, 120)
+    assert sched.full_collections == 2
+    memory.value += 50 * MB  # now half of it
     ticks(clock, 1)
     assert sched.full_collections == 3
+    memory.value += 250 * MB
+    ticks(clock, 59)
+    assert sched.full_collections == 3  # a minute apart at most
+    ticks(clock, 1)
+    assert sched.full_collections == 4
 
 
 def test_the_backstop_runs_a_full_collection_every_full_interval(
