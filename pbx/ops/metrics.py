@@ -240,6 +240,19 @@ class PBXCollector(Collector):
         yield CounterMetricFamily("pbx_sip_bad_requests_answered", "Unparseable requests "
                                   "answered with 4xx/5xx",
                                   value=int(getattr(stats, "bad_requests_answered", 0)))
+        refused = CounterMetricFamily("pbx_sip_connections_refused", "TCP/TLS connections "
+                                      "refused (caps, blocked sources), by reason",
+                                      labels=["reason"])
+        for reason, count in sorted(dict(getattr(stats, "connections_refused", None)
+                                         or {}).items()):
+            refused.add_metric([str(reason)], int(count))
+        yield refused
+        connections = GaugeMetricFamily("pbx_sip_open_connections", "Open SIP stream "
+                                        "connections, by transport", labels=["transport"])
+        counts = getattr(self.view.transport, "connection_counts", None)
+        for kind, count in sorted((counts() if counts is not None else {}).items()):
+            connections.add_metric([str(kind)], float(count))
+        yield connections
         sockets = GaugeMetricFamily("pbx_sip_listening_sockets", "SIP sockets bound",
                                     labels=["transport"])
         for sock in self.view.sip_sockets():

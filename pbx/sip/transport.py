@@ -425,6 +425,13 @@ class SIPTransport:
     def open_connections(self) -> int:
         return len(self._connections)
 
+    def connection_counts(self) -> dict[str, int]:
+        """Open stream connections per transport (both always listed, for metrics)."""
+        counts = dict.fromkeys(STREAM_TRANSPORTS, 0)
+        for conn in self._connections.values():
+            counts[conn.kind] = counts.get(conn.kind, 0) + 1
+        return counts
+
     def connections_from(self, host: str) -> int:
         return self._connections.per_source(host)
 

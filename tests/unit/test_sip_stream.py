@@ -367,3 +367,10 @@ class StreamTransportMachine(RuleBasedStateMachine):
 
 
 TestStreamTransportMachine = StreamTransportMachine.TestCase
+
+
+def test_connection_counts_per_transport() -> None:
+    owner, _, _ = new_transport()
+    accept(owner, "192.0.2.1", 1000)
+    accept(owner, "192.0.2.2", 1000)
+    assert owner.connection_counts() == {"tcp": 2, "tls": 0}
