@@ -237,9 +237,13 @@ async def test_hold_and_resume_on_real_sockets(allocator: PortAllocator, listen:
     a, b = listen(), listen()
     session = session_between(allocator, a, b)
     held = session.reoffer("a", sdp(a.port, "a=sendonly"))
-    assert b"a=sendonly" in held and session.state == "on_hold"
+    assert b"a=sendonly" in held
+    assert session.state == "active"  # RFC 3264 §8: nothing changes until answered
+    session.reanswer("b", sdp(b.port, "a=recvonly"))
+    assert session.state == "on_hold"
     a.send(rtp(1), session.local_port("a"))  # music on hold still flows a -> b
     await until(lambda: len(b.received) == 1)
     session.reoffer("a", sdp(a.port))
+    session.reanswer("b", sdp(b.port))
     assert session.state == "active"
     await session.close()
