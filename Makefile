@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config.yml
 
-.PHONY: install run test lint system-deps diagrams bench clean
+.PHONY: install run test lint system-deps diagrams bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ diagrams: install
 	$(BIN)/python scripts/generate_statecharts.py
 
 bench: install
-	$(BIN)/python scripts/bench_sip_codec.py
+	$(BIN)/python scripts/bench_sip_codec.py --worst
 	$(BIN)/python scripts/bench_transactions.py
 	$(BIN)/python scripts/bench_registrar.py
+
+# Coverage-guided fuzzing of the SIP/SDP codec (atheris); corpus under var/fuzz/.
+MINUTES ?= 30
+fuzz: install
+	$(BIN)/python scripts/fuzz_sip.py --minutes $(MINUTES) --target all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
