@@ -41,7 +41,7 @@ from typing import Any
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
-from pbx.calls.call import Call, CallerLeg, Leg, _Client
+from pbx.calls.call import Call, CalleeLeg, CallerLeg, Leg, _Client
 from pbx.calls.cdr import CONGESTION, CDRSink, CDRWriter
 from pbx.calls.features import check_session_interval
 from pbx.calls.routing import Dialplan, ExtensionDirectory, Locator, check_hops
@@ -223,7 +223,7 @@ class B2BUA:
     def call_finished(self, call: Call) -> None:
         self.calls.pop(call.id, None)
         self._invites.pop(call.caller.transaction, None)
-        for leg in (call.caller, call.winner):
+        for leg in (call.caller, call.winner, *call.forks):  # early forks' too
             if leg is not None and leg.dialog is not None:
                 self.dialogs.remove(leg.dialog)
         for hook in list(self.call_ended_hooks):
@@ -423,7 +423,9 @@ class B2BUA:
             return
         call = leg.call
         method = request.method
-        if call is None:
+        if call is None or (isinstance(leg, CalleeLeg) and leg is not call.winner
+                            and method != "UPDATE"):
+            # An early (or losing) fork's dialog takes only UPDATE (RFC 3311 §5).
             self._reply(transaction, request, 481)
             return
         if method == "BYE":

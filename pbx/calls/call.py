@@ -547,6 +547,10 @@ class CalleeLeg(Leg):
         try:
             if response.to.tag and self.dialog is None:
                 self.dialog = Dialog.from_uac(self.invite, response)
+                call = self.call
+                if call is not None and not call.finished:
+                    # RFC 3311 §5: the early dialog takes UPDATE from the callee.
+                    self.b2bua.dialogs.add(self.dialog, self)
         except SIPParseError:
             pass
         features = self.call.features if self.call is not None else None
@@ -570,6 +574,8 @@ class CalleeLeg(Leg):
             self._stray_2xx(response)  # a second dialog behind a forking proxy
             return
         else:
+            if dialog is not None:  # an early dialog of another To tag: it is over
+                self.b2bua.dialogs.remove(dialog)
             try:
                 dialog = self.dialog = Dialog.from_uac(self.invite, response)
             except SIPParseError:
@@ -584,6 +590,16 @@ class CalleeLeg(Leg):
             self.send_bye("SIP;cause=200;text=\"Call completed elsewhere\"")
         elif not self.oa.answer_owed:
             self.send_ack()  # else the ACK carries the answer, once the caller gave it
+
+    def leg_closed(self, *_: Any) -> None:
+        """A fork that ended (failed, cancelled, lost) leaves the dialog table; the
+        winner's entry goes with the call (:meth:`B2BUA.call_finished`)."""
+        call = self.call
+        if call is not None and call.early_fork is self:
+            call.early_fork = None
+        if self.dialog is not None and (call is None or call.winner is not self):
+            self.b2bua.dialogs.remove(self.dialog)
+        super().leg_closed()
 
     def send_ack(self, body: bytes = b"") -> None:
         """ACK our INVITE's 2xx (RFC 3261 §13.2.2.4); ``body``: the answer to an offer
@@ -658,6 +674,8 @@ class Call(TimedChartModel):
         self.record = record
         self.forks: list[CalleeLeg] = []
         self.winner: CalleeLeg | None = None
+        # The fork whose early dialog the caller's mirrors (its 18x relayed last).
+        self.early_fork: CalleeLeg | None = None
         self.media: Any = None
         self.sdp_for_b = b""
         self.reinvite: Any = None   # the in-dialog INVITE being relayed (pbx.calls.b2bua)
@@ -687,6 +705,21 @@ class Call(TimedChartModel):
 
     def other(self, leg: Leg) -> Leg | None:
         return self.winner if leg is self.caller else self.caller
+
+    def update_peer(self, leg: Leg) -> Leg | None:
+        """Where an UPDATE from ``leg`` is relayed (RFC 3311 §5): the other leg once
+        answered; while ringing, the caller's UPDATE goes to :attr:`early_fork` and an
+        early fork's to the caller, if we sent it an 18x (its early dialog exists)."""
+        winner = self.winner
+        if winner is not None:
+            return self.other(leg) if leg is self.caller or leg is winner else None
+        if leg is self.caller:
+            fork = self.early_fork
+            if fork is None or fork.done or not fork.unanswered or fork.cancelled:
+                return None
+            return fork
+        caller = self.caller
+        return caller if caller.dialog is not None and caller.state == "early" else None
 
     def summary(self) -> dict[str, Any]:
         """What the ops API lists for a call."""
@@ -841,6 +874,8 @@ class Call(TimedChartModel):
             except Exception as exc:
                 log.info("call %s: early media SDP dropped: %s", self.id, exc)
         self.caller.send_provisional(response.status, response.reason, body)
+        if fork.dialog is not None and (body or self.early_fork is None):
+            self.early_fork = fork  # the caller's early dialog now mirrors this fork's
         if body:  # an early answer (RFC 3261 §13.2.1); the 2xx repeats it
             fork.oa.fire("receive_answer")
             self.caller.oa.fire("send_answer")
@@ -935,6 +970,7 @@ class Call(TimedChartModel):
         """Legs may outlive the call in their transactions (a late 2xx is still ACKed
         and ended with BYE, which needs no call), so they let go of it: no leg<->call
         cycle, and refcounting frees the call and its media once the B2BUA forgets it."""
+        self.early_fork = None
         for leg in (self.caller, *self.forks):
             leg.call = None
 

@@ -107,12 +107,14 @@ class _Client:
 class _Fork:
     """What a callee leg needs for 100rel and 422 (kept here, not on the leg)."""
 
-    __slots__ = ("early", "interval", "tracker")
+    __slots__ = ("allows_update", "answered", "early", "interval", "tracker")
 
     def __init__(self) -> None:
         self.tracker = PrackTracker()
         self.early: dict[str, Dialog] = {}   # To tag -> early dialog PRACKs go in
         self.interval: int | None = None      # Session-Expires after a 422 retry
+        self.answered = False        # our offer answered in a reliable 18x (RFC 3311 §5.1)
+        self.allows_update = False   # its 18x listed UPDATE in Allow (RFC 3311 §4)
 
 
 class CallFeatures:
@@ -131,6 +133,7 @@ class CallFeatures:
         self.peer_allows_update: dict[str, bool] = {
             "a": allows_update(call.caller.request)}
         self.update_pending = False
+        self.caller_answered_early = False  # our answer went in a reliable 18x (§5.1)
 
     # -- life ------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -192,6 +195,8 @@ class CallFeatures:
                 reliable_transport=caller.peer.reliable, on_give_up=self._prack_timeout)
         response.headers.add("Supported", SUPPORTED_HEADER)
         rel.provisional(response)
+        if response.body:  # RFC 3311 §5.1: the initial offer/answer is complete
+            self.caller_answered_early = True
         return True
 
     def hold_answer(self, release: Any) -> bool:
@@ -275,7 +280,11 @@ class CallFeatures:
         verdict = state.tracker.receive(response)
         if verdict is Verdict.DISCARD:
             return False
+        if response.headers.getall("Allow"):
+            state.allows_update = allows_update(response)
         if verdict is Verdict.PRACK:
+            if response.body and fork.invite.body:  # RFC 3311 §5.1: answered reliably
+                state.answered = True
             self._send_prack(fork, state, response)
         return True
 
@@ -491,15 +500,15 @@ class CallFeatures:
                 leg.respond(transaction, request, 422, "Session Interval Too Small",
                             headers=[("Min-SE", str(decision.reject_min_se))])
                 return
-        other = call.other(leg)
+        other = call.update_peer(leg)
         has_offer = bool(request.body)
         early = not leg.confirmed
         other_ok = (other is not None and other.dialog is not None and not other.closed
                     and not other.dialog.terminated)
         verdict = decide_update(
             has_offer=has_offer, early=early,
-            other_allows=other is not None and self.peer_allows_update.get(other.side, False),
-            other_established=other_ok and (other is not None and other.confirmed),
+            other_allows=other is not None and self._allows_update(call, other),
+            other_established=other_ok and other is not None and (other.confirmed or early),
             # §5.2: our own offer to this leg unanswered, or an exchange on the other leg
             # (a relayed re-INVITE/UPDATE) in progress: glare.
             local_offer_pending=(leg.oa.offer_outstanding or call.reinvite is not None
@@ -507,7 +516,7 @@ class CallFeatures:
                                  or (other is not None and not other.oa.stable)),
             # ...this leg's own offer (INVITE, re-INVITE) still waiting for our answer.
             remote_offer_pending=leg.oa.state in ("remote_offer", "offer_due"),
-            initial_answered=not early)
+            initial_answered=not early or self._initial_answered(call, leg))
         if verdict.status is not None:
             headers = ([("Retry-After", str(verdict.retry_after))]
                        if verdict.retry_after is not None else [])
@@ -520,6 +529,21 @@ class CallFeatures:
             return
         assert other is not None
         self._relay_update(call, leg, other, request, transaction)
+
+    def _allows_update(self, call: Call, other: Leg) -> bool:
+        """RFC 3311 §4: ``other`` said it takes UPDATE (a ringing fork in its 18x)."""
+        if other is not call.caller and other is not call.winner:
+            state = self.forks.get(id(other))
+            return state is not None and state.allows_update
+        return self.peer_allows_update.get(other.side, False)
+
+    def _initial_answered(self, call: Call, leg: Leg) -> bool:
+        """RFC 3311 §5.1: in ``leg``'s early dialog the initial offer/answer completed,
+        its answer in a reliable 18x (ours to the caller, or the fork's to us)."""
+        if leg is call.caller:
+            return self.caller_answered_early and leg.oa.stable
+        state = self.forks.get(id(leg))
+        return state is not None and state.answered and leg.oa.stable
 
     def _relay_update(self, call: Call, leg: Leg, other: Leg, request: Request,
                       transaction: ServerTransaction) -> None:
@@ -578,6 +602,8 @@ class CallFeatures:
                 other.oa.fire("receive_answer")
                 leg.oa.fire("send_answer")
                 self.last_sdp[leg.side] = answer
+                if call.winner is None and leg is not call.caller:
+                    call.early_fork = leg  # type: ignore[assignment]  # the media's b now
             headers = [("Contact", leg.b2bua.contact(leg.peer)),
                        *self.refreshed_by_request(leg, request)]
             leg.respond(transaction, request, 200, body=answer, headers=headers)
@@ -618,6 +644,8 @@ def _retry_invite(fork: CalleeLeg, extension_headers: list[tuple[str, str]]) -> 
         headers.add(name, value)
     invite = Request("INVITE", old.uri.copy(), headers, old.body)
     fork.invite = invite
+    if fork.dialog is not None:  # the first INVITE's early dialog is over
+        b2bua.dialogs.remove(fork.dialog)
     fork.dialog = None
     try:
         fork.transaction = b2bua.transactions.send_request(invite, fork.peer, fork)

@@ -73,14 +73,19 @@ def decide_update(*, has_offer: bool, early: bool, other_allows: bool,
     this leg sent is still unanswered by us.  ``initial_answered``: in an early dialog,
     whether the initial offer/answer completed (an answer in a reliable provisional).
     ``other_established``: the other leg exists with a dialog (early or confirmed).
+    An unanswered offer from this leg is checked first: relayed, it is also the offer
+    outstanding on the other leg, and §5.2 asks 500 for it.
     """
     if not has_offer:
         if other_allows and other_established:
             return RELAY
         return LOCAL
+    if remote_offer_pending:
+        # First: this leg's own offer, relayed, is what keeps the other leg busy too.
+        return UpdateVerdict(500, "Offer Pending", retry_after())
     if local_offer_pending:
         return UpdateVerdict(491, "Request Pending")
-    if remote_offer_pending or (early and not initial_answered):
+    if early and not initial_answered:  # §5.1: answer only in an unreliable 18x
         return UpdateVerdict(500, "Offer Pending", retry_after())
     if not other_allows or not other_established:
         return UpdateVerdict(500, "Cannot Update Now", retry_after())
