@@ -278,3 +278,98 @@ def test_session_interval_too_small_gets_422(
     assert final.get("Min-SE") == "10"
     caller.close()
     callee.close()
+
+
+class EarlyCallee(ExtPhone):
+    """A callee that answers the INVITE's offer in a reliable 183 (RFC 3262), so the
+    initial offer/answer completes in the early dialog, and only sends its 200 when
+    told (:meth:`answer_now`)."""
+
+    def _request(self, request: Message) -> None:
+        if request.start.split()[0] == "INVITE" and self.invite is None:
+            self.requests.append(request)
+            self.invite = request
+            self._learn_sdp(request.body)
+            self._reply_ex(request, 183, "Session Progress", self.sdp(), extra=[
+                ("Require", "100rel"), ("RSeq", str(self.rseq))])
+            return
+        super()._request(request)
+
+    def answer_now(self) -> None:
+        if not self.answered:
+            self._answer()
+
+
+class EarlyUpdater(ExtPhone):
+    """A caller that sends one UPDATE with ``early_sdp`` in its early dialog, once the
+    PBX's reliable 183 with the answer has been PRACKed (RFC 3311 §5.1)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.early_sdp = b""
+        self.early_update: Message | None = None
+        self.net.background.append(self._update_early)
+
+    def _update_early(self) -> None:
+        if self.early_update is not None or not self.early_sdp:
+            return
+        early = next((m for m in self.inbox if m.is_response and m.method == "INVITE"
+                      and m.status == 183 and m.body), None)
+        pracked = any(m.is_response and m.method == "PRACK" and m.status == 200
+                      for m in self.inbox)
+        if early is None or not pracked:
+            return
+        contact = re.search(r"<([^>]+)>", early.get("Contact"))
+        assert contact is not None
+        self.cseq += 1
+        self.early_update = self._request_msg("UPDATE", contact.group(1),
+                                              to=early.get("To"), body=self.early_sdp)
+        self.send(self.early_update)
+
+    def update_answer(self) -> Message | None:
+        update = self.early_update
+        if update is None:
+            return None
+        return next((m for m in self.inbox if m.is_response and m.method == "UPDATE"
+                     and m.status >= 200 and m.get("CSeq") == update.get("CSeq")), None)
+
+
+def test_update_in_the_early_dialog_is_relayed(
+        pbx_setup: tuple[PBXProcess, dict[str, str], Path]) -> None:
+    """RFC 3311 §5.1: the callee's reliable 183 answers the offer; the caller's UPDATE
+    with a new offer in the early dialog reaches the callee with the SDP rewritten by
+    the PBX, the callee's answer comes back in the 200; then the call is answered and
+    hung up as usual."""
+    pbx, passwords, _tmp = pbx_setup
+    net = Net()
+    address = ("127.0.0.1", pbx.sip_port)
+    caller = EarlyUpdater(net, CALLER, passwords[CALLER], address,
+                          private_host="127.0.0.1", public_host="127.0.0.1")
+    callee = EarlyCallee(net, CALLEE, passwords[CALLEE], address,
+                         private_host="127.0.0.1", public_host="127.0.0.1")
+    caller.register()
+    callee.register()
+    caller.early_sdp = caller.sdp().replace(b"a=sendrecv", b"a=sendonly")
+
+    def answer_once_updated() -> None:
+        if caller.update_answer() is not None:
+            callee.answer_now()
+
+    net.background.append(answer_once_updated)
+    final = caller.call_with(CALLEE, [("Supported", "100rel")])
+    assert final.status == 200, final.start
+    answer = caller.update_answer()
+    assert answer is not None and answer.status == 200, answer and answer.start
+    assert b"m=audio" in answer.body
+    updates = callee.received("UPDATE")
+    assert len(updates) == 1 and b"a=sendonly" in updates[0].body
+    relayed_port = re.search(rb"m=audio (\d+)", updates[0].body)
+    assert relayed_port is not None and int(relayed_port.group(1)) != caller.sdp_port
+    assert callee.received("PRACK"), "the PBX did not PRACK the callee's 183"
+    net.run(5.0, until=lambda: callee.acked)
+    assert callee.acked
+    caller.bye()
+    net.run(5.0, until=lambda: bool(callee.received("BYE")))
+    assert callee.received("BYE")
+    caller.close()
+    callee.close()
