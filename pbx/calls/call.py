@@ -795,8 +795,12 @@ class Call(TimedChartModel):
             sdp_for_a = (self.media.reoffer("b", body) if late
                          else self.media.answer_from_b(body))
         except Exception as exc:
-            log.info("call %s: SDP from %s not acceptable: %s", self.id, fork.peer, exc)
-            return self._fork_refused(fork, 488, "Not Acceptable Here")
+            repeat = (self.features.early_sdp_for_caller(fork)
+                      if self.features is not None and not late else None)
+            if repeat is None:
+                log.info("call %s: SDP from %s not acceptable: %s", self.id, fork.peer, exc)
+                return self._fork_refused(fork, 488, "Not Acceptable Here")
+            sdp_for_a = repeat  # the 2xx repeats an early session the caller already has
         fork.oa.fire("receive_offer" if late else "receive_answer")
         self.winner = fork
         if self.features is not None:  # that leg's session timer (RFC 4028 §7.2)

@@ -545,6 +545,17 @@ class CallFeatures:
         state = self.forks.get(id(leg))
         return state is not None and state.answered and leg.oa.stable
 
+    def early_sdp_for_caller(self, fork: CalleeLeg) -> bytes | None:
+        """The SDP our 200 repeats to the caller when ``fork``'s 2xx only repeats an early
+        session (RFC 3311 §5.1: completed in a reliable 18x, then changed by an UPDATE
+        from the callee, so the 2xx's SDP answers no offer); None if there is none."""
+        call = self.call
+        if call is None or call.early_fork is not fork or not call.caller.oa.stable:
+            return None
+        if not self._initial_answered(call, fork):
+            return None
+        return self.last_sdp.get("a") or None
+
     def _relay_update(self, call: Call, leg: Leg, other: Leg, request: Request,
                       transaction: ServerTransaction) -> None:
         media = call.media

@@ -104,6 +104,19 @@ def test_callee_update_in_its_early_dialog_is_relayed_to_the_caller() -> None:
     h.response(response, a.peer)
     (answer,) = [r for r in h.responses_to(B, "UPDATE") if r.cseq.seq == update.cseq.seq]
     assert answer.status == 200 and answer.body == b"REA:" + NEW_SDP_A
+    call = only_call(h)
+    assert call.early_fork is call.forks[0]
+
+    def no_offer_from_a(_sdp: bytes) -> bytes:
+        raise ValueError("answer without an offer")  # what the real session says
+
+    call.media.answer_from_b = no_offer_from_a
+    b.answer(NEW_SDP_B)  # repeats the early session: our 200 repeats the caller's
+    final = a.final()
+    assert final is not None and final.status == 200
+    assert final.body == b"RE:" + NEW_SDP_B
+    a.ack()
+    assert call.state == "connected"
 
 
 def test_caller_offer_after_an_unreliable_early_answer_gets_500() -> None:
