@@ -14,6 +14,7 @@ import pytest
 from pbx.calls.session_timer import TimerPolicy
 from pbx.sip import make_response
 from tests.unit.test_call_cycles import _harness, _parts, no_automatic_gc  # noqa: F401
+from tests.unit.test_calls_early_update import caller_early, update_from_caller
 from tests.unit.test_calls_features import Caller, reliable
 from tests.unit.test_calls_support import (
     CALLER,
@@ -84,7 +85,23 @@ def prack_never_comes(h: Harness) -> None:
     a.ack_failure()
 
 
-SCENARIOS = [reliable_update_bye, session_expires, prack_never_comes]
+def early_updates_then_cancel(h: Harness) -> None:
+    """UPDATE both ways in the early dialogs (RFC 3311 §5.1), then the caller cancels:
+    the fork's early dialog leaves the table with it."""
+    b = CalleePhone(h, B)
+    a = caller_early(h, b)
+    update_from_caller(h, a, SDP_A + b"a=sendonly\r\n")
+    b.reply_to_last("UPDATE", 200, SDP_B + b"a=recvonly\r\n")
+    b.send("UPDATE", SDP_B)
+    a.answer_request(h.requests_to(CALLER, "UPDATE")[-1], 200, SDP_A)
+    a.cancel()
+    b.reply_to_last("CANCEL")
+    b.respond(487)
+    a.ack_failure()
+
+
+SCENARIOS = [reliable_update_bye, session_expires, prack_never_comes,
+             early_updates_then_cancel]
 
 
 def _run(scenario: Callable[[Harness], None]) -> tuple[Harness, list[weakref.ref[Any]]]:
