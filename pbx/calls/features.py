@@ -21,7 +21,10 @@ The B2BUA terminates each extension per leg, nothing is relayed end to end:
 * UPDATE (RFC 3311) received on a leg: decided by :func:`~pbx.calls.update.decide_update`,
   relayed as a new UPDATE on the other leg (SDP rewritten by the media session), its
   answer relayed back; a 2xx to an UPDATE or re-INVITE refreshes the session of that
-  leg (RFC 4028 §10).
+  leg (RFC 4028 §10).  While ringing (RFC 3311 §5.1) the other leg is
+  :meth:`Call.update_peer`'s: the caller's UPDATE goes to ``call.early_fork`` (the fork
+  whose 18x it mirrors), an early fork's to the caller; an offer needs the initial
+  answer in a reliable 18x, and what the fork allows comes from its 18x.
 
 :meth:`CallFeatures.stop` runs when the call ends and drops every reference (timers,
 callbacks, the call), so no reference cycle outlives the call.
@@ -614,7 +617,8 @@ class CallFeatures:
                 leg.oa.fire("send_answer")
                 self.last_sdp[leg.side] = answer
                 if call.winner is None and leg is not call.caller:
-                    call.early_fork = leg  # type: ignore[assignment]  # the media's b now
+                    # The caller's early session now mirrors this fork's (§5.1).
+                    call.early_fork = leg  # type: ignore[assignment]  # a CalleeLeg
             headers = [("Contact", leg.b2bua.contact(leg.peer)),
                        *self.refreshed_by_request(leg, request)]
             leg.respond(transaction, request, 200, body=answer, headers=headers)
