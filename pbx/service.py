@@ -159,10 +159,14 @@ class ScheduledGC:
     * a full collection when resident memory has grown by half since the last one,
       and by ``full_growth`` bytes at least (something does make reference cycles:
       their garbage shows as growth, and is bounded by it), at most once per
-      ``min_full_interval`` seconds.  A load peak grows the live heap too (at 100
-      calls/s the transactions waiting out Timer J take ~90 MB), which then costs one
-      collection, and is the new baseline;
-    * otherwise one every ``full_interval`` seconds, a backstop for slow leaks.
+      ``min_full_interval`` seconds, and only while the PBX is ``quiet()``.  Growth
+      mostly *is* load (at 3,000 registrations/s the transactions waiting out Timer J
+      take ~60 MB; at 100 calls/s ~90 MB), and a full collection in the middle of a
+      load peak pauses long enough (measured: 3,000 REGISTER/s collapsing to 1,400/s
+      with thousands of retransmissions) to make the peak worse; once it is over the
+      heap is small and walking it is cheap;
+    * otherwise one every ``full_interval`` seconds, quiet or not: a backstop for
+      slow leaks on a PBX that is never idle.
 
     :attr:`pauses` records every collection's pause (the ``pbx_gc_*`` metrics).
     :meth:`stop` restores the interpreter's settings.
@@ -171,8 +175,12 @@ class ScheduledGC:
     def __init__(self, clock: Any, interval: float = 0.5, *,
                  full_interval: float = 3600.0, min_full_interval: float = 60.0,
                  full_growth: int = 64 << 20,
-                 memory: Callable[[], int] = resident_bytes) -> None:
+                 memory: Callable[[], int] = resident_bytes,
+                 quiet: Callable[[], bool] | None = None) -> None:
+        """``quiet``: whether the process is lightly loaded enough for a full collection
+        brought forward by growth (default: always)."""
         self.clock = clock
+        self.quiet = quiet
         self.interval = interval
         self.full_interval = full_interval
         self.min_full_interval = min_full_interval
@@ -205,7 +213,8 @@ class ScheduledGC:
         if since >= self.full_interval:
             return True
         return (since >= self.min_full_interval and self.memory() - self._baseline
-                >= max(self.full_growth, self._baseline // 2))
+                >= max(self.full_growth, self._baseline // 2)
+                and (self.quiet is None or self.quiet()))
 
     def _tick(self) -> None:
         if self.full_due():
@@ -267,7 +276,7 @@ class PBXService(service.Service):
         self.transport.handler = self.transactions
         self.location = LocationService(reactor, self.store,
                                         sweep_interval=settings.registrar.sweep_interval)
-        self.gc = ScheduledGC(reactor) if manage_gc else None
+        self.gc = ScheduledGC(reactor, quiet=self._quiet) if manage_gc else None
         store_credentials = StoreCredentials(self.store)
         self.credentials = CredentialDirectory(store_credentials.all, store_credentials,
                                                reactor)
@@ -285,6 +294,16 @@ class PBXService(service.Service):
         self.ops = install_ops(self, options=OpsOptions.from_settings(settings))
         self._signals_seen = 0
         self._stopping_reactor = False
+
+    # A full collection walks the live heap: with this little up it takes a few ms.
+    QUIET_TRANSACTIONS = 2_000
+    QUIET_CALLS = 20
+
+    def _quiet(self) -> bool:
+        """Few transactions and calls alive: a full collection costs little now (see
+        :class:`ScheduledGC`)."""
+        return (self.transactions.live_count() < self.QUIET_TRANSACTIONS
+                and self.active_work() < self.QUIET_CALLS)
 
     def active_work(self) -> int:
         """In-flight work that a drain waits for: the calls that are up."""

@@ -841,6 +841,10 @@ class TransactionManager:
             del self._merge_index[merge_key]
         self.stats.terminated[txn.kind][txn.outcome] += 1
 
+    def live_count(self) -> int:
+        """How many transactions are alive (without building a list of them)."""
+        return len(self._client) + len(self._server)
+
     def transactions(self) -> list[Transaction]:
         """Every live transaction (tests, diagnostics)."""
         return [*self._client.values(), *self._server.values()]

@@ -126,3 +126,26 @@ def test_pauses_are_recorded_per_generation_and_exported() -> None:
 
 def test_resident_bytes_is_the_processes_size() -> None:
     assert 1 * MB < resident_bytes() < 64 * 1024 * MB
+
+
+def test_growth_waits_for_a_quiet_moment_but_the_backstop_does_not() -> None:
+    enabled = gc.isenabled()
+    clock, memory = Clock(), Memory()
+    busy = [True]
+    sched = ScheduledGC(clock, full_interval=600.0, min_full_interval=60.0,
+                        full_growth=64 * MB, memory=memory, quiet=lambda: not busy[0])
+    sched.start()
+    try:
+        memory.value += 200 * MB  # a load peak: the live heap grows
+        ticks(clock, 300)
+        assert sched.full_collections == 0  # not in the middle of the peak
+        busy[0] = False
+        ticks(clock, 1)
+        assert sched.full_collections == 1  # the peak is over: collect now, cheaply
+        busy[0] = True
+        memory.value += 400 * MB
+        ticks(clock, 600)
+        assert sched.full_collections == 2  # the hourly-style backstop runs regardless
+    finally:
+        sched.stop()
+        assert gc.isenabled() == enabled
