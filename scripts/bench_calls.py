@@ -573,6 +573,16 @@ def integers(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def phone_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """Fresh passwords for the two bench extensions, and the PBX's environment (no
+    inherited ``PBX_*``, the passwords and an API token)."""
+    passwords = {CALLER: secrets.token_hex(8), CALLEE: secrets.token_hex(8)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PBX_")}
+    env |= {f"PBX_EXT_{n}_PASSWORD": p for n, p in passwords.items()}
+    env["PBX_API__TOKEN"] = secrets.token_hex(16)
+    return passwords, env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,10 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say = (lambda *a: None) if args.json else print
     workdir = Path(tempfile.mkdtemp(prefix="bench_calls_"))
-    passwords = {CALLER: secrets.token_hex(8), CALLEE: secrets.token_hex(8)}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PBX_")}
-    env |= {f"PBX_EXT_{n}_PASSWORD": p for n, p in passwords.items()}
-    env["PBX_API__TOKEN"] = secrets.token_hex(16)
+    passwords, env = phone_environment()
     profile = str(Path(args.profile).resolve()) if args.profile else None
     pbx = start_pbx(workdir, env, profile)
     result: dict[str, Any] = {"pbx_pid": pbx.proc.pid, "cpus": os.cpu_count()}

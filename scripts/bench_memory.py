@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -41,7 +39,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_calls import CALLEE, CALLER, PBX, Phones, last_stats, start_pbx, stop
+from bench_calls import (
+    PBX,
+    Phones,
+    last_stats,
+    phone_environment,
+    start_pbx,
+    stop,
+)
 from benchlib import process_rss_mb
 
 _SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.eE]+|NaN)$")
@@ -135,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say = (lambda *a: None) if args.json else print
     workdir = Path(tempfile.mkdtemp(prefix="bench_memory_"))
-    passwords = {CALLER: secrets.token_hex(8), CALLEE: secrets.token_hex(8)}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PBX_")}
-    env |= {f"PBX_EXT_{n}_PASSWORD": p for n, p in passwords.items()}
-    env["PBX_API__TOKEN"] = secrets.token_hex(16)
+    passwords, env = phone_environment()
     pbx = start_pbx(workdir, env, None)
     result: dict[str, Any] = {"pbx_pid": pbx.proc.pid, "calls": args.calls,
                               "rate": args.rate, "rounds": []}
