@@ -101,10 +101,34 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseResult:
+    """One ping's outcome. ``error`` is the full text (driver message, host names: for
+    token holders and the log); ``reason`` says what is wrong without those details, for
+    the unauthenticated probes and report."""
+
     ok: bool
     latency: float | None
     error: str | None
     at: float
+    reason: str | None = None
+
+    @property
+    def public_error(self) -> str | None:
+        return self.reason if self.reason is not None else self.error
+
+
+def public_reason(message: str) -> str:
+    """What a database failure means, in words that leak no driver text or host name."""
+    text = message.lower()
+    for needles, meaning in ((("locked", "busy"), "database locked"),
+                             (("readonly", "read-only", "read only"), "database read-only"),
+                             (("full", "no space"), "disk or database full"),
+                             (("disk i/o", "i/o error"), "disk I/O error"),
+                             (("timeout", "timed out"), "database timed out"),
+                             (("connect", "closed", "terminat", "unavailable"),
+                              "database unreachable")):
+        if any(n in text for n in needles):
+            return meaning
+    return "database error"
 
 
 class DatabaseProbe:
@@ -135,7 +159,7 @@ class DatabaseProbe:
         self._waiters = [waiter]
         if self.store.state != "connected":
             self._done(DatabaseResult(False, None, f"store is {self.store.state}",
-                                      self.clock.seconds()))
+                                      self.clock.seconds(), f"store is {self.store.state}"))
             return waiter
         try:
             ping = self.store.ping()
@@ -155,10 +179,11 @@ class DatabaseProbe:
 
     def _ping_failed(self, failure: Failure) -> None:
         if failure.check(defer.TimeoutError, defer.CancelledError):
-            error = f"no answer within {self.timeout:g}s"
+            error = reason = f"no answer within {self.timeout:g}s"
         else:
             error = failure.getErrorMessage() or failure.type.__name__
-        self._done(DatabaseResult(False, None, error, self.clock.seconds()))
+            reason = public_reason(error)
+        self._done(DatabaseResult(False, None, error, self.clock.seconds(), reason))
 
     def _done(self, result: DatabaseResult) -> None:
         self.last = result
@@ -174,7 +199,9 @@ class DatabaseProbe:
         last = self.last
         if (last is not None and not last.ok
                 and self.clock.seconds() - last.at < self.failure_memory):
-            return Check(False, (f"database ping failed: {last.error}",))
+            # The public reason: /ready?verbose needs no token (the full text is in
+            # the detailed report for token holders).
+            return Check(False, (f"database ping failed: {last.public_error}",))
         return Check(True, ("database connected",))
 
 
@@ -284,10 +311,14 @@ class HealthMonitor:
         out["call"] = dict(states)
         return out
 
-    def detailed(self) -> Deferred[dict[str, Any]]:
-        return self.database.check().addCallback(self._detailed)
+    def detailed(self, *, full: bool = False) -> Deferred[dict[str, Any]]:
+        """The component report. Without ``full`` (a caller without the token) it says
+        what is wrong but carries no host name (``node``) and no driver error text:
+        those help an attacker map the network more than they help a load balancer.
+        """
+        return self.database.check().addCallback(self._detailed, full)
 
-    def _detailed(self, db: DatabaseResult) -> dict[str, Any]:
+    def _detailed(self, db: DatabaseResult, full: bool = False) -> dict[str, Any]:
         live = self.liveness()
         ready = self.readiness()
         uptime = round(self.uptime(), 3)
@@ -301,7 +332,7 @@ class HealthMonitor:
                 "status": HEALTHY if lifecycle.state == "ready" else UNHEALTHY,
                 "lifecycle_state": lifecycle.state,
                 "state_since": lifecycle.entered_at,
-                "node": self.view.node,
+                **({"node": self.view.node} if full else {}),
                 "machines": self.machines(),
             },
             "database": {
@@ -311,7 +342,7 @@ class HealthMonitor:
                 "latency_ms": None if db.latency is None else round(db.latency * 1000, 3),
                 "timeout_seconds": self.database.timeout,
                 "checked_seconds_ago": round(max(0.0, self.clock.seconds() - db.at), 3),
-                "error": db.error,
+                "error": db.error if full else db.public_error,
             },
             "sip_server": {
                 "status": HEALTHY if sockets else UNHEALTHY,

@@ -177,9 +177,11 @@ class ServiceView:
 
     # -- SIP ----------------------------------------------------------------------------
     def sip_sockets(self) -> list[dict[str, Any]]:
-        """The SIP sockets bound now (``SIPTransport.listening``)."""
-        return [{"transport": t, "host": h, "port": p}
-                for t, h, p in getattr(self.transport, "listening", ())]
+        """The SIP sockets open now: ``SIPTransport.sockets_up()`` asks the port objects,
+        so a closed socket drops out (``listening`` alone is only what was bound)."""
+        up = getattr(self.transport, "sockets_up", None)
+        entries = up() if callable(up) else getattr(self.transport, "listening", ())
+        return [{"transport": t, "host": h, "port": p} for t, h, p in entries]
 
     def registered_extensions(self) -> int:
         return int(getattr(self.location, "registered_aors", 0))

@@ -173,6 +173,8 @@ class SIPTransport:
         self._udp: SIPDatagramProtocol | None = None
         self._udp_v6 = False
         self._ports: list[IListeningPort] = []
+        #: each ``listening`` entry with the port object that serves it (for sockets_up)
+        self._bound: list[tuple[tuple[str, str, int], IListeningPort]] = []
         self._connections = ConnectionTable(self.limits)
         self._connecting: dict[tuple[str, str, int], SIPStreamFactory] = {}
 
@@ -203,6 +205,7 @@ class SIPTransport:
         self._udp_v6 = ":" in host
         self._ports += [udp_port, tcp_port]
         self.listening = [("udp", host, bound), ("tcp", host, tcp_port.getHost().port)]
+        self._bound = [(self.listening[0], udp_port), (self.listening[1], tcp_port)]
         return list(self.listening)
 
     def listen_tls(self, host: str, port: int, context: Any) -> tuple[str, str, int]:
@@ -214,17 +217,31 @@ class SIPTransport:
         self._ports.append(tls_port)
         entry = ("tls", host, tls_port.getHost().port)
         self.listening.append(entry)
+        self._bound.append((entry, tls_port))
         return entry
 
     def stop_listening(self) -> None:
+        """Close every listening socket and stream; ``listening`` empties with them, so
+        readiness (which reads :meth:`sockets_up`) fails from this moment on."""
         for port in self._ports:
             port.stopListening()
         self._ports.clear()
+        self._bound.clear()
+        self.listening = []
         for conn in self._connections.values():
             if conn.transport is not None:
                 conn.transport.loseConnection()
         self._connections.clear()
         self._udp = None
+
+    def sockets_up(self) -> list[tuple[str, str, int]]:
+        """The ``listening`` entries whose port object still holds an open socket.
+
+        ``listening`` is what was bound; this asks the ports themselves (``connected``,
+        not ``disconnecting``, a valid file descriptor), so a socket closed by any path,
+        not only :meth:`stop_listening`, drops out of readiness.
+        """
+        return [entry for entry, port in self._bound if _port_open(port)]
 
     # -- inbound --------------------------------------------------------------------
     def message_received(self, data: bytes, peer: Peer, *, datagram: bool) -> None:
@@ -469,3 +486,14 @@ class SIPDatagramProtocol(protocol.DatagramProtocol):
         if ":" in host:
             host = normalize_host(host)
         self.owner.message_received(datagram, Peer("udp", host, addr[1]), datagram=True)
+
+
+def _port_open(port: IListeningPort) -> bool:
+    """Whether a Twisted listening port still holds its socket (and is not closing)."""
+    if not getattr(port, "connected", True) or getattr(port, "disconnecting", False):
+        return False
+    fileno = getattr(port, "fileno", None)
+    try:
+        return fileno is None or fileno() >= 0
+    except Exception:  # a closed socket object may raise instead of returning -1
+        return False

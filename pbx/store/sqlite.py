@@ -12,7 +12,10 @@ write lock instead of failing at once.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +56,15 @@ class SQLiteStore(SQLStore):
     dialect = SQLITE
 
     def __init__(self, path: str | Path, *, reactor: Any = None,
-                 busy_timeout: float = 5.0) -> None:
+                 busy_timeout: float = 5.0, heartbeat_timeout: float = 1.0) -> None:
         super().__init__(reactor)
         self.path = str(path)
         self.busy_timeout = busy_timeout
+        #: how long the health heartbeat waits for the write lock; kept below the health
+        #: probe's own timeout so a locked database answers "locked", not "no answer", and
+        #: the single database thread is not held for a whole ``busy_timeout``
+        self.heartbeat_timeout = heartbeat_timeout
+        self._heartbeat_key = f"{socket.gethostname()}:{os.getpid()}"
         self._pool: adbapi.ConnectionPool | None = None
         self._state = "closed"
 
@@ -116,6 +124,24 @@ class SQLiteStore(SQLStore):
         d = self._pool.runWithConnection(_run_in_thread, factory, args, tx)
         return d.addErrback(_wrap_driver_error)
 
+    def ping(self) -> Deferred[float]:
+        """Latency of a heartbeat *write*: an UPSERT of this process's row in
+        ``health_heartbeat``, committed, with the write lock waited for at most
+        ``heartbeat_timeout`` seconds.
+
+        ``SELECT 1`` never touches the file, so a read-only, full or locked database
+        would stay "ready"; a committed write fails in each of those cases. The table is
+        created here (``IF NOT EXISTS``), not by a migration: it is health bookkeeping of
+        the SQLite backend only, not part of the versioned schema both backends share.
+        """
+        if self._pool is None or self._state != "connected":
+            return defer.fail(StoreUnavailable(f"SQLite store is {self._state}"))
+        started = time.perf_counter()
+        d = self._pool.runWithConnection(_heartbeat, self._heartbeat_key,
+                                         self.heartbeat_timeout, self.busy_timeout)
+        return d.addCallback(lambda _: time.perf_counter() - started).addErrback(
+            _wrap_driver_error)
+
     def _disconnect(self) -> Deferred[None]:
         pool, self._pool = self._pool, None
         self._state = "closed"
@@ -153,6 +179,32 @@ def _run_in_thread(conn: Any, factory: InteractionFactory, args: tuple[Any, ...]
         raise
     finally:
         cursor.close()
+
+
+HEARTBEAT_TABLE = """CREATE TABLE IF NOT EXISTS health_heartbeat (
+    node TEXT PRIMARY KEY,
+    beat_at REAL NOT NULL
+)"""
+
+
+def _heartbeat(conn: Any, key: str, timeout: float, busy_timeout: float) -> None:
+    """On the database thread: one committed UPSERT under a short lock wait, then the
+    connection's normal ``busy_timeout`` again (other statements keep waiting longer)."""
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(HEARTBEAT_TABLE)
+            conn.execute("INSERT INTO health_heartbeat (node, beat_at) VALUES (?, ?) "
+                         "ON CONFLICT (node) DO UPDATE SET beat_at = excluded.beat_at",
+                         (key, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
 def _close_connection(pool: adbapi.ConnectionPool) -> None:
