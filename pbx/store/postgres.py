@@ -23,6 +23,18 @@ pool of ``txpostgres.Connection`` objects:
   queries then errback :class:`StoreUnavailable` at once instead of queueing. A query
   waiting for a busy pool gives up after ``acquire_timeout``; a connection attempt after
   ``connect_timeout`` (libpq's own timeout does not apply to async connections).
+  ``exhausted`` when every slot is busy, the pool cannot grow and more than
+  ``queue_limit`` queries wait; ``degraded`` when a slot has been busy longer than
+  ``stuck_after`` (a query or a server that hangs). Either way the pool cannot do what
+  ``connected`` promises, so health checks must not say it can. :meth:`PostgresStore.
+  pool_stats` gives the numbers behind the state.
+* **Cancellation.** A query whose Deferred is cancelled (e.g. a health ping under
+  ``addTimeout``) while it waits for a connection leaves the wait queue, so it cannot
+  later take a connection nobody releases. Cancelled while running, its connection is
+  discarded (closed; psycopg2 would otherwise be mid-protocol) and the slot reconnects
+  at once: a connection is never handed out again with a query of unknown state on it.
+  A slot busy longer than ``discard_after`` is discarded the same way and its query
+  errbacks :class:`StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -139,6 +151,7 @@ class _Slot:
     failures: int = 0
     retry: IDelayedCall | None = None
     broken: bool = False
+    busy_since: float | None = None  # reactor time it was handed out, while busy
 
 
 @dataclass(eq=False)
@@ -156,10 +169,15 @@ class _Pool:
     connect_timeout: float
     acquire_timeout: float
     backoff: Callable[[int], float]
+    queue_limit: int = 10
+    stuck_after: float = 30.0
+    discard_after: float = 300.0
     slots: list[_Slot] = field(default_factory=list)
     waiters: deque[_Waiter] = field(default_factory=deque)
     started: bool = False
     closed: bool = False
+    discarded: int = 0  # connections thrown away (cancelled or stuck queries)
+    _watchdog: IDelayedCall | None = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -167,13 +185,46 @@ class _Pool:
     def healthy(self) -> bool:
         return any(slot.status in ("idle", "busy") for slot in self.slots)
 
+    def _busy_ages(self) -> list[float]:
+        now = float(self.reactor.seconds())
+        return [now - slot.busy_since for slot in self.slots
+                if slot.status == "busy" and slot.busy_since is not None]
+
+    @property
+    def exhausted(self) -> bool:
+        """No idle slot, no room to grow, and more than ``queue_limit`` queries wait."""
+        return (len(self.waiters) > self.queue_limit
+                and len(self.slots) >= self.maximum
+                and not any(slot.status == "idle" for slot in self.slots))
+
     @property
     def state(self) -> str:
         if self.closed:
             return "closed"
         if self.healthy:
+            if self.exhausted:
+                return "exhausted"
+            if any(age >= self.stuck_after for age in self._busy_ages()):
+                return "degraded"
             return "connected"
         return "disconnected" if self.started else "connecting"
+
+    def stats(self) -> dict[str, Any]:
+        """What the pool can do right now (for health details and operators)."""
+        ages = self._busy_ages()
+        return {
+            "state": self.state,
+            "size": len(self.slots),
+            "max": self.maximum,
+            "idle": sum(slot.status == "idle" for slot in self.slots),
+            "busy": sum(slot.status == "busy" for slot in self.slots),
+            "connecting": sum(slot.status == "connecting" for slot in self.slots),
+            "down": sum(slot.status == "down" for slot in self.slots),
+            "waiting": len(self.waiters),
+            "stuck": sum(age >= self.stuck_after for age in ages),
+            "oldest_busy_seconds": max(ages, default=0.0),
+            "discarded": self.discarded,
+        }
 
     # -- life ----------------------------------------------------------------------
 
@@ -196,11 +247,15 @@ class _Pool:
                     slot.status = "down"
                     slot.failures = 1
                     self._schedule(slot)
+            self._arm_watchdog()
 
         return defer.DeferredList(attempts, consumeErrors=True).addCallback(started)
 
     def close(self) -> None:
         self.closed = True
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
         for slot in self.slots:
             if slot.retry is not None and slot.retry.active():
                 slot.retry.cancel()
@@ -241,6 +296,62 @@ class _Pool:
             return reason
 
         return d.addCallbacks(connected, failed)
+
+    # -- stuck slots ---------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        """Check for busy-forever slots a few times per ``stuck_after``: a hung query
+        must not hold a connection until the TCP keepalives (minutes) give up."""
+        if self.closed:
+            return
+        interval = max(0.05, min(self.stuck_after, self.discard_after) / 4)
+        self._watchdog = self.reactor.callLater(interval, self._check_stuck)
+
+    def _check_stuck(self) -> None:
+        self._watchdog = None
+        if self.closed:
+            return
+        now = float(self.reactor.seconds())
+        for slot in list(self.slots):
+            if (slot.status == "busy" and slot.busy_since is not None
+                    and now - slot.busy_since >= self.discard_after):
+                log.warning("PostgreSQL connection busy for %.0f s: discarding it",
+                            now - slot.busy_since)
+                self.discard(slot)
+        self._arm_watchdog()
+
+    def discard(self, slot: _Slot) -> None:
+        """Throw away ``slot``'s connection (its query's state is unknown) and open a
+        new one at once; the query on it, if any, fails with the closed connection."""
+        if self.closed or slot not in self.slots:
+            return
+        self.discarded += 1
+        old, slot.conn = slot.conn, None
+        slot.status = "connecting"
+        slot.busy_since = None
+        slot.broken = False
+        if slot.retry is not None and slot.retry.active():
+            slot.retry.cancel()
+        slot.retry = None
+        if old is not None:
+            old.shut()  # errbacks a running query (synchronously, via txpostgres)
+        if self.closed or slot not in self.slots or slot.status != "connecting":
+            return
+
+        def back(_: Any) -> None:
+            self._serve()
+
+        def failed(reason: Failure) -> None:
+            if self.closed or slot not in self.slots:
+                return
+            log.info("PostgreSQL replacement connection failed: %s", _message(reason))
+            slot.status = "down"
+            slot.failures = 1
+            self._schedule(slot)
+            if not self.healthy:
+                self._fail_waiters("PostgreSQL is unreachable; reconnecting")
+
+        self._open(slot).addCallbacks(back, failed)
 
     # -- loss and reconnection -----------------------------------------------------
 
@@ -294,23 +405,38 @@ class _Pool:
             return defer.fail(StoreUnavailable("PostgreSQL store is closed"))
         for slot in self.slots:
             if slot.status == "idle":
-                slot.status = "busy"
+                self._take(slot)
                 return defer.succeed(slot)
         connecting = sum(slot.status == "connecting" for slot in self.slots)
         if not self.healthy and not connecting:
             return defer.fail(StoreUnavailable("PostgreSQL is unreachable; reconnecting"))
         if len(self.slots) < self.maximum and connecting <= len(self.waiters):
             self._grow()
-        waiter = _Waiter(Deferred())
+        waiter = _Waiter(Deferred(lambda _: self._withdraw(waiter)))
         waiter.timer = self.reactor.callLater(self.acquire_timeout, self._expire, waiter)
         self.waiters.append(waiter)
         return waiter.deferred
 
-    def release(self, slot: _Slot, *, broken: bool) -> None:
-        if self.closed or slot not in self.slots:
-            if slot.conn is not None:
-                slot.conn.shut()
+    def _take(self, slot: _Slot) -> None:
+        slot.status = "busy"
+        slot.busy_since = float(self.reactor.seconds())
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """Canceller of a queued acquire: leave the queue, so the connection that would
+        have been handed to nobody (a timed-out ping) stays in the pool."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+
+    def release(self, slot: _Slot, conn: _Connection, *, broken: bool) -> None:
+        if slot.conn is not conn:  # discarded meanwhile: the slot has a new one
+            conn.shut()
             return
+        if self.closed or slot not in self.slots:
+            conn.shut()
+            return
+        slot.busy_since = None
         if broken or slot.broken or slot.conn is None or slot.conn.is_closed:
             log.warning("PostgreSQL connection lost during a query")
             self._go_down(slot)
@@ -344,7 +470,7 @@ class _Pool:
             waiter = self.waiters.popleft()
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
-            slot.status = "busy"
+            self._take(slot)
             waiter.deferred.callback(slot)
 
     def _expire(self, waiter: _Waiter) -> None:
@@ -431,7 +557,8 @@ class PostgresStore(SQLStore):
                  reactor: Any = None, schema: str | None = None,
                  application_name: str | None = None, connect_timeout: float = 10.0,
                  acquire_timeout: float = 10.0, reconnect_initial: float = 0.5,
-                 reconnect_max: float = 30.0) -> None:
+                 reconnect_max: float = 30.0, queue_limit: int | None = None,
+                 stuck_after: float = 30.0, discard_after: float = 300.0) -> None:
         super().__init__(reactor)
         self.schema = schema
         self.dsn = build_dsn(url, schema=schema, application_name=application_name)
@@ -441,6 +568,10 @@ class PostgresStore(SQLStore):
         self.acquire_timeout = acquire_timeout
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
+        #: queued queries beyond which a fully busy pool reports ``exhausted``
+        self.queue_limit = 2 * self.pool_max if queue_limit is None else queue_limit
+        self.stuck_after = stuck_after
+        self.discard_after = max(stuck_after, discard_after)
         self._pool: _Pool | None = None
 
     @property
@@ -448,6 +579,15 @@ class PostgresStore(SQLStore):
         if self._pool is None:
             return "closed"
         return self._pool.state
+
+    def pool_stats(self) -> dict[str, Any]:
+        """Slots idle/busy/down, queued queries, stuck slots: why ``state`` is what it
+        is (health details show it; no host names or driver text in it)."""
+        if self._pool is None:
+            return {"state": "closed", "size": 0, "max": self.pool_max, "idle": 0,
+                    "busy": 0, "connecting": 0, "down": 0, "waiting": 0, "stuck": 0,
+                    "oldest_busy_seconds": 0.0, "discarded": 0}
+        return self._pool.stats()
 
     def _is_connected(self) -> bool:
         return self._pool is not None and self._pool.started and not self._pool.closed
@@ -468,7 +608,8 @@ class PostgresStore(SQLStore):
         pool = _Pool(
             dsn=self.dsn, minimum=self.pool_min, maximum=self.pool_max,
             reactor=self._reactor, connect_timeout=self.connect_timeout,
-            acquire_timeout=self.acquire_timeout,
+            acquire_timeout=self.acquire_timeout, queue_limit=self.queue_limit,
+            stuck_after=self.stuck_after, discard_after=self.discard_after,
             backoff=lambda n: backoff_delay(n, initial=self.reconnect_initial,
                                             cap=self.reconnect_max))
         self._pool = pool
@@ -489,21 +630,66 @@ class PostgresStore(SQLStore):
 
     def _attempt(self, pool: _Pool, factory: InteractionFactory, args: tuple[Any, ...],
                  tx: bool, *, retry: bool) -> Deferred[Any]:
-        def run(slot: _Slot) -> Deferred[Any]:
+        """Acquire, drive, release, as one cancellable Deferred.
+
+        The inner Deferreds (the acquire and txpostgres' query) are never chained to
+        the caller's: cancelling a txpostgres query raises out of ``cancel()`` and
+        would leave psycopg2 mid-protocol. Instead the canceller withdraws a queued
+        acquire, or discards the connection of a running query (see the module doc).
+        """
+        phase: dict[str, Any] = {"pending": None, "slot": None, "conn": None,
+                                 "cancelled": False}
+
+        def cancel(_: Deferred[Any]) -> None:
+            phase["cancelled"] = True
+            slot = phase["slot"]
+            if slot is not None:
+                phase["slot"] = None
+                pool.discard(slot)
+            elif phase["pending"] is not None:
+                phase["pending"].cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def settle(result: Any) -> None:
+            if phase["cancelled"] or outer.called:
+                if isinstance(result, Failure):
+                    result.trap(Exception)  # consumed: the caller gave up on it
+                return
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+        def run(slot: _Slot) -> None:
             assert slot.conn is not None
             conn = slot.conn
+            if phase["cancelled"]:  # cannot happen (withdrawn), but never leak it
+                pool.release(slot, conn, broken=False)
+                return
+            phase["slot"], phase["conn"] = slot, conn
 
             def done(result: Any) -> Any:
-                pool.release(slot, broken=False)
+                phase["slot"] = None
+                pool.release(slot, conn, broken=False)
                 return result
 
             def failed(reason: Failure) -> Any:
+                phase["slot"] = None
+                discarded = slot.conn is not conn  # by cancel() or the stuck watchdog
                 broken = conn.is_closed or bool(reason.check(
                     _Stale, ConnectionDone, ConnectionLost, txpostgres.RollbackFailed))
-                pool.release(slot, broken=broken)
+                pool.release(slot, conn, broken=broken)
+                if phase["cancelled"]:
+                    return reason
+                if discarded:  # it ran (too long): never retried behind the caller
+                    raise StoreUnavailable(
+                        f"PostgreSQL query discarded after {pool.discard_after:g} s busy")
                 if reason.check(_Stale):
                     if retry:
-                        return self._attempt(pool, factory, args, tx, retry=False)
+                        again = self._attempt(pool, factory, args, tx, retry=False)
+                        phase["pending"] = again  # cancel() now cancels the retry
+                        return again
                     raise StoreUnavailable(f"PostgreSQL connection lost: {reason.value}")
                 if reason.check(StoreError):
                     return reason
@@ -514,9 +700,12 @@ class PostgresStore(SQLStore):
                     raise StoreError(f"PostgreSQL: {_message(reason)}") from reason.value
                 return reason
 
-            return _drive(conn, factory(*args), tx).addCallbacks(done, failed)
+            _drive(conn, factory(*args), tx).addCallbacks(done, failed).addBoth(settle)
 
-        return pool.acquire().addCallback(run)
+        acquiring = pool.acquire()
+        phase["pending"] = acquiring
+        acquiring.addCallbacks(run, settle).addErrback(settle)
+        return outer
 
     def _disconnect(self) -> Deferred[None]:
         pool, self._pool = self._pool, None
