@@ -96,12 +96,21 @@ def is_secret_key(key: str) -> bool:
     return any(part in last for part in SECRET_KEY_PARTS)
 
 
-_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:)(?P<pw>[^@]*)(?P<at>@)")
+# The password runs to the *last* "@" of the authority, so an unencoded "@" in it
+# ("u:p@ss@host") cannot leave its tail visible; an unencoded "/" in it still masks.
+_URL_PASSWORD = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:)(?P<pw>[^@]*(?:@[^@/?#]*)*)(?P<at>@)")
+# libpq takes the password as a query parameter too: ?password=…, &sslpassword=….
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][^=&#]*password=)(?P<pw>[^&#]*)", re.IGNORECASE)
 
 
 def mask_url_password(url: str) -> str:
-    """Replace the password of ``scheme://user:pw@host`` with ``***``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", url)
+    """Replace the password of ``scheme://user:pw@host`` and any ``?password=`` /
+    ``&password=`` (also ``sslpassword``) query parameter with ``***``."""
+    masked = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", url)
+    if "://" in masked:
+        masked = _QUERY_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", masked)
+    return masked
 
 
 def url_has_password(url: str) -> bool:

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,7 +132,9 @@ def check_schema(value: Any, schema: Mapping[str, Any], where: str = "body") -> 
         if len(value) > schema.get("maxLength", math.inf):
             raise ApiError(422, f"{where} is longer than {schema['maxLength']} characters")
         pattern = schema.get("pattern")
-        if pattern and not re.search(pattern, value):
+        # fullmatch: with re.search/match, "$" also matches before a trailing newline,
+        # so "1001\n" would pass ^[0-9]{2,15}$ and reach the store as a number.
+        if pattern and not re.fullmatch(pattern, value):
             raise ApiError(422, f"{where} must match {pattern}")
     if "enum" in schema and value not in schema["enum"]:
         raise ApiError(422, f"{where} must be one of {', '.join(map(str, schema['enum']))}")
@@ -156,7 +158,11 @@ def read_json_body(request: IRequest, schema: Mapping[str, Any] | None) -> Any:
     else:
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError:
+            # 64 KiB of "[" nests deeper than the parser's stack: a client error, not a 500.
+            raise ApiError(400, "body is not valid JSON: nested too deeply") from None
+        except ValueError as exc:
+            # JSONDecodeError, UnicodeDecodeError and int-too-long are all ValueErrors.
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
     if schema is not None:
         check_schema(body, schema)
@@ -209,6 +215,8 @@ class AdminAPI:
         self.clock = clock
         self.version = version
         self._token = token.encode() if token else None
+        # Called with the client address on each failed bearer attempt (metrics, lockout).
+        self.on_auth_failure: Callable[[str], None] | None = None
 
     # -- auth ----------------------------------------------------------------------------
     @property
@@ -222,6 +230,8 @@ class AdminAPI:
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            if self.on_auth_failure is not None:
+                self.on_auth_failure(request.getClientAddress().host or "")
             raise ApiError(401, "missing or invalid bearer token",
                            {"WWW-Authenticate": 'Bearer realm="pbx-admin"'})
 
@@ -388,7 +398,7 @@ class AdminAPI:
         since = _timestamp("since", args["since"]) if "since" in args else None
         until = _timestamp("until", args["until"]) if "until" in args else None
         extension = args.get("extension") or None
-        if extension is not None and not re.match(NUMBER_PATTERN, extension):
+        if extension is not None and not re.fullmatch(NUMBER_PATTERN, extension):
             raise ApiError(400, "extension must be 2-15 digits")
         limit = _integer("limit", args.get("limit"), 100 if fmt == "json" else 10_000,
                          1, 10_000)

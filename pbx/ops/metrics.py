@@ -379,6 +379,10 @@ class MetricsExporter:
         self.api_rate_limited = Counter("pbx_api_rate_limited_requests",
                                         "Admin API requests refused with 429",
                                         registry=self.registry)
+        # Failed bearer-token attempts (a guesser shows here before the lockout bites).
+        self.api_auth_failures = Counter("pbx_api_auth_failures",
+                                         "Admin API requests with a missing or wrong "
+                                         "bearer token", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

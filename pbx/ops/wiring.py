@@ -31,7 +31,7 @@ from pbx.ops.app import OpsApp
 from pbx.ops.health import DatabaseProbe, HealthMonitor, Heartbeat, SystemResources
 from pbx.ops.metrics import CallMetrics, MetricsExporter
 from pbx.ops.sdnotify import SystemdNotifier
-from pbx.ops.security import OpsSite, TokenBucketLimiter
+from pbx.ops.security import AuthFailureLimiter, OpsSite, TokenBucketLimiter
 from pbx.ops.sources import ServiceView
 
 __all__ = ["OpsOptions", "OpsPlane", "install_ops"]
@@ -112,10 +112,20 @@ class OpsPlane:
         self.app = OpsApp(self.health, self.exporter, self.admin, version=version)
         self.limiter = TokenBucketLimiter(options.rate_limit, options.rate_burst)
         self.site = OpsSite(self.app.resource(), limiter=self.limiter,
-                            on_rate_limited=self.exporter.api_rate_limited.inc)
+                            on_rate_limited=self.exporter.api_rate_limited.inc,
+                            auth_limiter=AuthFailureLimiter())
+        self.admin.on_auth_failure = self._auth_failed
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.listening: IListeningPort | None = None
         self.view.lifecycle.subscribe(self._lifecycle_changed)
+
+    def _auth_failed(self, client: str) -> None:
+        """Count a failed bearer attempt and charge it to the client's lockout (the site's
+        limiter is looked up now so a replaced one, e.g. in a test, is the one charged)."""
+        self.exporter.api_auth_failures.inc()
+        limiter = self.site.auth_limiter
+        if limiter is not None:
+            limiter.failed(client)
 
     @property
     def call_metrics(self) -> CallMetrics:

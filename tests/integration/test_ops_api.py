@@ -31,7 +31,7 @@ from twisted.internet import defer, reactor, threads, utils
 from pbx.config import load_settings
 from pbx.ops import ROUTES, SECURITY_HEADERS, OpsOptions, OpsPlane, install_ops
 from pbx.ops.sdnotify import SystemdNotifier
-from pbx.ops.security import TokenBucketLimiter
+from pbx.ops.security import AuthFailureLimiter, TokenBucketLimiter
 from pbx.service import PBXService
 from tests.conftest import require_tool
 
@@ -877,3 +877,107 @@ def test_daily_health_check_passes_on_a_healthy_pbx_and_fails_on_a_dead_one(
     assert pbx.proc.wait(15) == 0
     dead = _run(["sh", "scripts/daily_health_check.sh", url])
     assert dead.returncode != 0
+
+
+# -- admin API hardening (issue 12, item 5) ------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_paths_are_normalised_before_rate_limiting_and_routing(pbx: OpsPBX):
+    """``//api/status`` used to route to the admin API while skipping the /api/ limiter."""
+    pbx.ops.site.limiter = TokenBucketLimiter(rate=0.01, burst=3)
+    codes = []
+    for path in ("/api/status", "//api/status", "/x/../api/./status", "/%61pi//status"):
+        reply = yield pbx.call("GET", path)
+        codes.append(reply.status)
+    assert codes == [200, 200, 200, 429]
+    pbx.ops.site.limiter = TokenBucketLimiter(rate=10_000, burst=10_000)
+    same = yield pbx.call("GET", "//api//status")
+    assert same.status == 200 and same.json()["lifecycle"]["state"] == "ready"
+    for bad in ("/api%2Fstatus", "/api%5cstatus", "/../api/status"):
+        refused = yield pbx.call("GET", bad)
+        assert refused.status == 400, bad
+        assert refused.headers["Content-Type"] == "application/json"
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_bearer_attempts_are_counted_and_lock_the_client_out(pbx: OpsPBX):
+    pbx.ops.site.auth_limiter = AuthFailureLimiter(max_failures=3, window=60, lockout=30)
+    codes = []
+    for token in (TOKEN + "a", TOKEN, TOKEN + "b", None, TOKEN, TOKEN + "c", TOKEN):
+        reply = yield pbx.call("GET", "//api/status", token=token)
+        codes.append(reply.status)
+    # Successes neither count nor are blocked until the third failure; then even the
+    # right token is refused, or a guesser would learn which guess was right.
+    assert codes == [401, 200, 401, 401, 429, 429, 429]
+    assert 25 <= int(reply.headers["Retry-After"]) <= 30
+    assert "failed bearer-token attempts" in reply.json()["error"]
+    probe = yield pbx.call("GET", "/ready", token=None)
+    assert probe.status == 200
+    metrics = yield pbx.call("GET", "/metrics", token=None)
+    assert _samples(metrics.body.decode())["pbx_api_auth_failures_total"] == 3
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("POST", "/api/extensions", b"[" * 65_536, 400),
+    ("PUT", "/api/extensions/1001", b"[" * 65_536, 400),
+    ("PATCH", "/api/extensions/1001", b'{"name": ' + b"{" * 30_000, 400),
+    ("POST", "/api/extensions", b'{"number": 1' + b"0" * 5000 + b"}", 400),
+    ("POST", "/api/extensions", b'{"number": "1001\\n"}', 422),
+    ("POST", "/api/extensions", b'{"number": "1001\\n", "name": "x"}', 422),
+])
+@pytest_twisted.inlineCallbacks
+def test_malformed_bodies_and_numbers_get_a_json_4xx_never_a_500(
+        pbx: OpsPBX, method: str, path: str, body: bytes, status: int):
+    yield pbx.call("POST", "/api/extensions", {"number": "1001"})
+    reply = yield pbx.call(method, path, body)
+    assert reply.status == status, reply.body[:200]
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.json()["status"] == status
+    listing = yield pbx.call("GET", "/api/extensions")
+    assert [e["number"] for e in listing.json()["extensions"]] == ["1001"]
+    cdr = yield pbx.call("GET", "/api/cdr?extension=1001%0A")
+    assert cdr.status == 400
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_body_limit_is_enforced_while_reading_on_every_route(pbx: OpsPBX):
+    """The drain route reads no body: it used to accept (and buffer) any size."""
+    declared = yield pbx.call("POST", "/api/admin/drain", b"x" * 70_000)
+    assert declared.status == 413 and declared.json()["status"] == 413
+
+    def chunked() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"y" * 4096
+
+    streamed = yield threads.deferToThread(
+        _fetch_chunked, pbx.port, "/api/admin/drain", chunked(),
+        {"Authorization": f"Bearer {TOKEN}"})
+    assert streamed == 413
+    assert pbx.service.lifecycle.state == "ready"
+
+
+def _fetch_chunked(port: int, path: str, body: Iterator[bytes],
+                   headers: dict[str, str]) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("POST", path, body=body, headers=headers, encode_chunked=True)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_config_redacts_url_userinfo_and_query_passwords(pbx: OpsPBX, tmp_path: Path):
+    url = ("postgresql://pbx:s3cr3t%40x@db.example:5432/pbx"
+           "?sslmode=require&password=q-s3cr3t&sslpassword=k-s3cr3t")
+    config = write_config(tmp_path, extra=f"database:\n  url: \"{url}\"\n")
+    pbx.ops.view.settings = load_settings(config, env_file=None)
+    reply = yield pbx.call("GET", "/api/config")
+    assert reply.status == 200
+    for secret in (b"s3cr3t", b"q-s3cr3t", b"k-s3cr3t"):
+        assert secret not in reply.body
+    shown = reply.json()["database"]["url"]
+    assert shown == ("postgresql://pbx:***@db.example:5432/pbx"
+                     "?sslmode=require&password=***&sslpassword=***")
