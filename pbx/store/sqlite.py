@@ -195,9 +195,13 @@ def _heartbeat(conn: Any, key: str, timeout: float, busy_timeout: float) -> None
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(HEARTBEAT_TABLE)
+            now = time.time()
             conn.execute("INSERT INTO health_heartbeat (node, beat_at) VALUES (?, ?) "
                          "ON CONFLICT (node) DO UPDATE SET beat_at = excluded.beat_at",
-                         (key, time.time()))
+                         (key, now))
+            # One row per process (host:pid): forget processes silent for a day, so
+            # restarts do not grow the table.
+            conn.execute("DELETE FROM health_heartbeat WHERE beat_at < ?", (now - 86400,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
