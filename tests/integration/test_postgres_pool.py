@@ -8,11 +8,20 @@ next query. Each test works in its own schema with its own ``application_name``,
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 
 from pbx.store import StoreUnavailable
 from pbx.store.postgres import PostgresStore
@@ -143,3 +152,101 @@ async def test_busy_forever_slot_is_reported_then_discarded(postgres_backend: Ba
     assert await _ping_within(store, 3.0) < 3.0
     assert store.state == "connected"
     assert store.pool_stats()["discarded"] == 1
+
+
+# -- a server of the test's own, to restart ---------------------------------------------
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+def _as_server_user(argv: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as ``postgres`` then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *argv]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Server:
+    """A throwaway PostgreSQL cluster under a temporary directory, on its own port."""
+
+    bin: Path
+    data: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args: str) -> None:
+        subprocess.run(_as_server_user([str(self.bin / "pg_ctl"), "-D", str(self.data),
+                                        "-s", *args]),
+                       check=True, timeout=60, capture_output=True)
+
+    def start(self) -> None:
+        self.ctl("-w", "-l", str(self.data / "server.log"), "-o",
+                 f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.ctl("-w", "-m", mode, "stop")
+
+
+@pytest.fixture
+def own_server() -> Iterator[_Server]:
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        pytest.skip("no initdb under /usr/lib/postgresql/*/bin")
+    root = Path(tempfile.mkdtemp(prefix="pbx_pg_"))
+    data = root / "data"
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    subprocess.run(_as_server_user([str(pg_bin / "initdb"), "-D", str(data), "-A", "trust",
+                                    "-U", "postgres", "--no-sync"]),
+                   check=True, timeout=120, capture_output=True)
+    server = _Server(pg_bin, data, _free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_survives_a_restart_of_its_own_server(own_server: _Server):
+    store = PostgresStore(own_server.url, pool_min=1, pool_max=1, reactor=reactor,
+                          connect_timeout=2, reconnect_initial=0.05, reconnect_max=0.3)
+    try:
+        await store.migrate()
+        await store.open()
+        await _ping_within(store, 2.0)
+        await threads.deferToThread(own_server.stop, "fast")
+        await wait_until(lambda: store.state == "disconnected", 5, "loss noticed")
+        with pytest.raises(StoreUnavailable):
+            await _ping_within(store, 2.0)  # fails at once, does not queue
+        await threads.deferToThread(own_server.start)
+
+        async def served() -> bool:
+            try:
+                await _ping_within(store, 1.0)
+            except (StoreUnavailable, defer.TimeoutError):
+                return False
+            return True
+
+        deadline = reactor.seconds() + 15
+        while not await served():
+            assert reactor.seconds() < deadline, "no reconnect within 15 s of the restart"
+            await sleep(0.05)
+        assert store.state == "connected"
+        assert store.pool_stats()["size"] == 1
+    finally:
+        await store.close()
