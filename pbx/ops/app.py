@@ -317,11 +317,18 @@ class OpsApp:
         return self.exporter.render()
 
     def health_detailed(self, request: IRequest) -> Deferred[bytes]:
+        """Open to probes, but host names and driver error text only for a caller with
+        the token; a wrong token is a failed attempt like anywhere else (401, counted),
+        or the full-versus-redacted answer would be a free token oracle."""
+        full = request.getHeader(b"authorization") is not None
+        if full:
+            self.admin.authorize(request)  # ApiError: answered by the error handler
+
         def answer(report: dict[str, Any]) -> bytes:
             code = 503 if report["overall_status"] == "unhealthy" else 200
             return _json(request, report, code)
 
-        return self.health.detailed().addCallback(answer)
+        return self.health.detailed(full=full).addCallback(answer)
 
     def openapi(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")

@@ -85,3 +85,42 @@ def test_ready_fails_while_the_sqlite_database_is_locked_and_recovers(
     status, body = _poll(api, "/ready?verbose", lambda s, _: s == 200)
     assert status == 200, body
     assert "database connected" in body
+
+
+def test_detailed_health_is_full_only_with_the_token(tmp_path: Path) -> None:
+    """Host names need the token; a wrong token is a counted 401, not a redacted 200."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .conftest import clean_env
+
+    token = "t" * 40
+    env = clean_env() | {"PBX_API__TOKEN": token}
+    pbx = start_pbx(tmp_path, env=env)
+    try:
+        line = pbx.wait_for(r"listening: API HTTP on \S+:(\d+)")
+        port = int(line.rsplit(":", 1)[1])
+        url = f"http://127.0.0.1:{port}/api/health/detailed"
+
+        def get(headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as reply:
+                    return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        def node(report: dict[str, object]) -> object:
+            checks = report.get("readiness", {}).get("checks", {})  # type: ignore[union-attr]
+            core = checks.get("pbx_core", {})
+            return core.get("node")  # type: ignore[union-attr]
+
+        status, anonymous = get({})
+        assert status == 200 and node(anonymous) is None, anonymous
+        status, full = get({"Authorization": f"Bearer {token}"})
+        assert status == 200 and node(full), full
+        status, wrong = get({"Authorization": "Bearer nope"})
+        assert status == 401 and "readiness" not in wrong
+    finally:
+        assert pbx.stop() == 0
