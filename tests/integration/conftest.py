@@ -81,6 +81,18 @@ def write_config(directory: Path, *, port: int = 0, extra: str = "") -> Path:
     return config
 
 
+def extension_seed(passwords: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``extensions:`` YAML lines seeding each number, and the environment that carries
+    its password (``password_env``: secrets never go into config.yml)."""
+    lines = ["extensions:"]
+    env: dict[str, str] = {}
+    for number, password in passwords.items():
+        var = f"PBX_EXT_{number}_PASSWORD"
+        lines.append(f"  - {{number: '{number}', name: 'User {number}', password_env: {var}}}")
+        env[var] = password
+    return lines, env
+
+
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PBX_")}
     env["PYTHONUNBUFFERED"] = "1"

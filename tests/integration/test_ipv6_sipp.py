@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SCENARIOS, PBXProcess, clean_env, start_pbx
+from .conftest import SCENARIOS, PBXProcess, clean_env, extension_seed, start_pbx
 
 pytestmark = pytest.mark.integration
 
@@ -74,13 +74,9 @@ def write_config(tmp: Path, host: str, passwords: dict[str, str]) -> tuple[Path,
         "auth:", "  algorithms: [MD5, SHA-256]",
         "calls:", "  ring_timeout: 5", "  media_timeout: 30", "  max_calls: 5",
         "rtp:", f"  port_min: {rtp_base}", f"  port_max: {rtp_base + 199}",
-        "extensions:",
     ]
-    env: dict[str, str] = {}
-    for number, password in passwords.items():
-        var = f"PBX_EXT_{number}_PASSWORD"
-        lines.append(f"  - {{number: '{number}', name: 'User {number}', password_env: {var}}}")
-        env[var] = password
+    seed, env = extension_seed(passwords)
+    lines += seed
     config = tmp / "config.yml"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return config, env

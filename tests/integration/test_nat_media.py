@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PBXProcess, clean_env, start_pbx
+from .conftest import PBXProcess, clean_env, extension_seed, start_pbx
 from .sipua import Net, Phone, RtpEndpoint, rtp_packet
 
 pytestmark = pytest.mark.integration
@@ -30,13 +30,10 @@ def pbx_setup(tmp_path: Path) -> Iterator[tuple[PBXProcess, dict[str, str], rang
     passwords = {n: secrets.token_urlsafe(12) for n in (CALLER, CALLEE)}
     lines = ["auth:", "  algorithms: [MD5]",
              "calls:", "  ring_timeout: 20", "  media_timeout: 30", "  max_calls: 10",
-             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}", "  learning_window: 5",
-             "extensions:"]
-    env = clean_env()
-    for number, password in passwords.items():
-        var = f"PBX_EXT_{number}_PASSWORD"
-        lines.append(f"  - {{number: '{number}', name: 'User {number}', password_env: {var}}}")
-        env[var] = password
+             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}", "  learning_window: 5"]
+    seed, seeded_env = extension_seed(passwords)
+    lines += seed
+    env = clean_env() | seeded_env
     pbx = start_pbx(tmp_path, env=env, extra="\n".join(lines) + "\n")
     yield pbx, passwords, range(base, base + 40)
     if pbx.proc.poll() is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PBXProcess, clean_env, start_pbx
+from .conftest import PBXProcess, clean_env, extension_seed, start_pbx
 from .sipua import Net, Phone, RtpEndpoint, rtp_packet
 
 pytestmark = pytest.mark.integration
@@ -38,13 +38,10 @@ def pbx(tmp_path: Path) -> Iterator[PBXProcess]:
     base = random.randrange(30000, 39000, 200)
     lines = ["auth:", "  algorithms: [MD5]",
              "calls:", "  ring_timeout: 20", "  media_timeout: 30", "  max_calls: 10",
-             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}",
-             "extensions:"]
-    env = clean_env() | {"PBX_API__TOKEN": TOKEN}
-    for number in (CALLER, CALLEE):
-        var = f"PBX_EXT_{number}_PASSWORD"
-        lines.append(f"  - {{number: '{number}', name: 'User {number}', password_env: {var}}}")
-        env[var] = PASSWORDS[number]
+             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}"]
+    seed, seeded_env = extension_seed({n: PASSWORDS[n] for n in (CALLER, CALLEE)})
+    lines += seed
+    env = clean_env() | {"PBX_API__TOKEN": TOKEN} | seeded_env
     process = start_pbx(tmp_path, env=env, extra="\n".join(lines) + "\n")
     yield process
     if process.proc.poll() is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PBXProcess, clean_env, start_pbx
+from .conftest import PBXProcess, clean_env, extension_seed, start_pbx
 from .sipua import Message, Net, Phone
 
 pytestmark = pytest.mark.integration
@@ -147,13 +147,10 @@ def pbx_setup(tmp_path: Path) -> Iterator[tuple[PBXProcess, dict[str, str], Path
     lines = ["auth:", "  algorithms: [MD5]",
              "calls:", "  ring_timeout: 20", "  media_timeout: 60", "  max_calls: 10",
              "  session_timer:", "    enabled: true", "    expires: 12", "    min_se: 10",
-             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}",
-             "extensions:"]
-    env = clean_env()
-    for number, password in passwords.items():
-        var = f"PBX_EXT_{number}_PASSWORD"
-        lines.append(f"  - {{number: '{number}', name: 'User {number}', password_env: {var}}}")
-        env[var] = password
+             "rtp:", f"  port_min: {base}", f"  port_max: {base + 39}"]
+    seed, seeded_env = extension_seed(passwords)
+    lines += seed
+    env = clean_env() | seeded_env
     pbx = start_pbx(tmp_path, env=env, extra="\n".join(lines) + "\n")
     yield pbx, passwords, tmp_path
     if pbx.proc.poll() is None:
