@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pbx.sip.abuse import source_key
 from pbx.sip.errors import SIPParseError
 from pbx.sip.message import StreamFramer
 from pbx.sip.transactions import Peer
@@ -46,7 +47,6 @@ __all__ = [
     "SIPStreamProtocol",
     "StreamLimits",
     "normalize_host",
-    "source_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,18 +88,6 @@ def normalize_host(host: str) -> str:
         return ipaddress.IPv6Address(host.strip("[]").split("%", 1)[0]).compressed
     except ValueError:
         return host
-
-
-def source_key(host: str) -> str:
-    """What counts as one source: an IPv4 address, or an IPv6 /64 (one site's prefix;
-    an attacker holds the whole /64, so per-address caps would be no cap at all)."""
-    if ":" not in host:
-        return host
-    try:
-        net = ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False)
-    except ValueError:
-        return host
-    return str(net)
 
 
 class ConnectionTable:
