@@ -97,24 +97,21 @@ class ConnectionTable:
         self.limits = limits
         self._by_key: dict[ConnectionKey, SIPStreamProtocol] = {}
         self._per_source: Counter[str] = Counter()
-        self._count = 0
 
     def refusal(self, host: str) -> str | None:
         """Why a new inbound connection from ``host`` must be refused, or None."""
-        if self._count >= self.limits.max_connections:
+        if len(self._by_key) >= self.limits.max_connections:
             return "max_connections"
         if self._per_source[source_key(host)] >= self.limits.max_per_source:
             return "max_per_source"
         return None
 
     def add(self, conn: SIPStreamProtocol) -> None:
-        self._count += 1
         self._per_source[source_key(conn.peer.host)] += 1
         old = self._by_key.get(conn.key)
         self._by_key[conn.key] = conn
         if old is not None and old is not conn:
             old.counted = False  # replaced: its loss must not uncount the new one
-            self._count -= 1
             self._release_source(old.peer.host)
         conn.counted = True
 
@@ -122,7 +119,6 @@ class ConnectionTable:
         if not conn.counted:
             return
         conn.counted = False
-        self._count -= 1
         self._release_source(conn.peer.host)
         if self._by_key.get(conn.key) is conn:
             del self._by_key[conn.key]
@@ -145,14 +141,13 @@ class ConnectionTable:
         return self._per_source.get(source_key(host), 0)
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._by_key)
 
     def clear(self) -> None:
         for conn in self.values():
             conn.counted = False
         self._by_key.clear()
         self._per_source.clear()
-        self._count = 0
 
 
 @implementer(IPushProducer)
