@@ -28,7 +28,7 @@ import secrets
 import socket
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -48,6 +48,7 @@ from pbx.sip.stream import (
     StreamLimits,
     normalize_host,
 )
+from pbx.sip.tls import client_context
 from pbx.sip.transactions import Peer, SentResponse, TransportError
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,11 @@ class TransportStats:
     sent: Counter[str]
     dropped: Counter[str]
     bad_requests_answered: int = 0
-    connections_refused: Counter[str] | None = None
+    connections_refused: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def new(cls) -> TransportStats:
-        return cls(Counter(), Counter(), Counter(), 0, Counter())
+        return cls(Counter(), Counter(), Counter())
 
 
 def stamp_via(request: Request, peer: Peer) -> None:
@@ -393,7 +394,6 @@ class SIPTransport:
         factory.queue(data)
         self._connecting[key] = factory
         if peer.transport == "tls":
-            from pbx.sip.tls import client_context
             self.reactor.connectSSL(peer.host, peer.port, factory, client_context(),
                                     timeout=10)
         else:
@@ -428,9 +428,7 @@ class SIPTransport:
         return True
 
     def _refused(self, why: str) -> None:
-        refused = self.stats.connections_refused
-        assert refused is not None
-        refused[why] += 1
+        self.stats.connections_refused[why] += 1
 
     def connection_made(self, conn: SIPStreamProtocol) -> None:
         self._connections.add(conn)
